@@ -1,0 +1,83 @@
+"""``tmass features``: inspect, validate and simulate feature directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def features():
+    """Inspect, validate and simulate feature shards."""
+
+
+def _splits_or_fail(directory: Path) -> list[Path]:
+    from tmass.features.format import find_splits
+
+    splits = find_splits(directory)
+    if not splits:
+        raise click.ClickException(f"{directory}: no manifest.json at or below this directory")
+    return splits
+
+
+@features.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def info(directory: Path):
+    """Print what every split at or below DIRECTORY holds."""
+    import json
+
+    for split_dir in _splits_or_fail(directory):
+        manifest = json.loads((split_dir / "manifest.json").read_text())
+        meta = manifest["meta"]
+        counts = manifest["counts"]
+        click.secho(f"{split_dir}", bold=True)
+        click.echo(f"  dataset {meta['dataset']}  split {meta['split']}  source {meta.get('source')}")
+        weights = meta["pretrained"] + (f" (sha256 {meta['checkpoint_sha256'][:12]})" if meta.get("checkpoint_sha256") else "")
+        click.echo(f"  model {meta['model']}  weights {weights}  logit scale {meta['logit_scale']:g}")
+        if meta.get("random_init"):
+            click.secho("  RANDOM-INIT ENCODER: these features carry no pretrained knowledge", fg="red")
+        click.echo(
+            f"  {counts['videos']} videos x {meta['num_frames']} frames ({meta['frame_sampling']}), "
+            f"{counts['texts']} captions, dim {meta['embed_dim']}"
+            + (f", image size {meta['image_size']}" if meta.get("image_size") else "")
+        )
+        size = sum(s["bytes"] for s in manifest["shards"]) / 2**20
+        click.echo(f"  {len(manifest['shards'])} shards, {size:.1f} MiB, format {manifest['format_version']}, written by tmass {manifest['software_version']}")
+        if manifest["failed"]:
+            click.secho(f"  {len(manifest['failed'])} inputs skipped at extraction (see manifest 'failed')", fg="yellow")
+
+
+@features.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def check(directory: Path):
+    """Validate every split at or below DIRECTORY: manifest against shards, checksums,
+    shapes, ids, NaN/inf rows. Exits 1 on any fault, naming the file."""
+    from tmass.features.format import check_split
+
+    faults = 0
+    for split_dir in _splits_or_fail(directory):
+        problems = check_split(split_dir)
+        if problems:
+            faults += len(problems)
+            click.secho(f"FAIL {split_dir}", fg="red", err=True)
+            for problem in problems:
+                click.echo(f"  {problem}", err=True)
+        else:
+            click.secho(f"ok   {split_dir}", fg="green")
+    if faults:
+        raise SystemExit(1)
+
+
+@features.command()
+@click.option("--preset", type=click.Choice(["tiny", "msrvtt", "vatex", "random"]), default="tiny", show_default=True,
+              help="Shapes and generator settings (see tmass.features.simulate).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Features directory to write; receives train/ and test/ splits.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def simulate(preset: str, out: Path, seed: int):
+    """Write simulated train and test splits in the shard format, without CLIP."""
+    from tmass.features.simulate import simulate as run
+
+    for split, path in run(preset, out, seed).items():
+        click.echo(f"{split}: {path}")

@@ -1,0 +1,192 @@
+"""Simulated feature shards: the shard format without CLIP, for tests and benchmarks.
+
+The generator models what T-MASS is about: a video shows more than its caption says.
+
+World (shared by the train and test splits of one seed):
+    * ``n_concepts`` latent concepts with unit directions ``c_k`` in R^dim; how often a
+      concept appears follows a Zipf law (``p_k ~ 1 / (k + 1) ** zipf``), so frequent
+      concepts recur across many videos and make hard negatives.
+    * The two encoders disagree a little: images see concept k as ``c_k``, texts as
+      ``A c_k`` with ``A`` a random orthogonal matrix near the identity
+      (``text_rotation`` sets how far). A learned projection can undo part of it.
+    * CLIP's modality gap: every image embedding is offset by ``g_img`` and every text
+      embedding by ``g_txt`` (random directions, length ``gap``, nearly orthogonal).
+
+Video (``n_frames`` frames):
+    * ``n_scenes`` ~ U{min_scenes..max_scenes} scenes cut the frames into contiguous
+      segments (scene changes); scene s shows concept ``k_s`` (distinct within a video).
+    * A video-level context ``u_v`` (lighting, style: seen by every frame, never named by
+      a caption) and per-frame noise.
+    * frame = ``image_scale * (normalise(c_{k_s} + context * u_v + frame_noise * n) + g_img)``
+
+Caption (``captions_per_video`` per video, drawn independently):
+    * names a random non-empty subset of the video's scenes: each scene is mentioned
+      with probability ``mention``, at least one always is. So a caption covers only
+      part of the video, and mean pooling over frames dilutes it with unmentioned scenes
+      while text-conditioned pooling can attend to the mentioned ones.
+    * text = ``text_scale * (normalise(sum_s A c_{k_s} / sqrt(n_named) + text_noise * n) + g_txt)``
+
+The ``random`` preset instead draws every frame and caption embedding from a plain
+Gaussian (no structure at all, shapes of MSR-VTT's 1k-A test split): retrieval on it
+must sit at chance, which is what the leak tests measure.
+
+Embeddings are scaled to norms close to CLIP ViT-B/32's (about 10 for images and 8 for
+texts) and stored like real extracted features: float16, not normalised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tmass.features.format import (
+    FeatureMeta,
+    shard_name,
+    write_manifest,
+    write_text_shard,
+    write_video_shard,
+)
+
+CLIP_LOGIT_SCALE = 100.0  # exp(logit_scale) of OpenAI's CLIP, the value a real manifest carries
+
+
+@dataclass(frozen=True)
+class SplitShape:
+    n_videos: int
+    captions_per_video: int
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """One preset of the generator; every field is a parameter of the model above."""
+
+    name: str
+    train: SplitShape
+    test: SplitShape
+    dim: int = 512
+    n_frames: int = 12
+    structured: bool = True
+    n_concepts: int = 1000
+    zipf: float = 0.7
+    min_scenes: int = 2
+    max_scenes: int = 4
+    mention: float = 0.4
+    context: float = 0.8
+    frame_noise: float = 0.6
+    text_noise: float = 0.6
+    text_rotation: float = 0.6
+    gap: float = 0.8
+    image_scale: float = 10.0
+    text_scale: float = 8.0
+    videos_per_shard: int = 2048
+
+
+PRESETS = {
+    "tiny": SimulationConfig(
+        "tiny", SplitShape(256, 4), SplitShape(64, 2), dim=64, n_concepts=96, videos_per_shard=128
+    ),
+    "msrvtt": SimulationConfig("msrvtt", SplitShape(9000, 20), SplitShape(1000, 1)),
+    "vatex": SimulationConfig("vatex", SplitShape(25991, 10), SplitShape(1500, 10)),
+    "random": SimulationConfig(
+        "random", SplitShape(1000, 1), SplitShape(1000, 1), structured=False
+    ),
+}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@dataclass
+class _World:
+    concepts: np.ndarray  # [n_concepts, dim], unit rows (image-side view)
+    text_concepts: np.ndarray  # [n_concepts, dim], A c_k (text-side view)
+    popularity: np.ndarray  # [n_concepts], sums to 1
+    gap_image: np.ndarray  # [dim]
+    gap_text: np.ndarray  # [dim]
+
+
+def _make_world(cfg: SimulationConfig, rng: np.random.Generator) -> _World:
+    dim = cfg.dim
+    concepts = _unit(rng.standard_normal((cfg.n_concepts, dim)))
+    # QR of a perturbed identity is an orthogonal matrix close to the identity.
+    q, r = np.linalg.qr(np.eye(dim) + cfg.text_rotation * rng.standard_normal((dim, dim)) / np.sqrt(dim))
+    rotation = q * np.sign(np.diag(r))
+    popularity = 1.0 / np.arange(1, cfg.n_concepts + 1) ** cfg.zipf
+    gaps = _unit(rng.standard_normal((2, dim))) * cfg.gap
+    return _World(concepts, concepts @ rotation.T, popularity / popularity.sum(), gaps[0], gaps[1])
+
+
+def _simulate_block(cfg: SimulationConfig, world: _World | None, n_videos: int, captions_per_video: int, rng: np.random.Generator):
+    """frames ``[n_videos, n_frames, dim]`` and texts ``[n_videos * captions_per_video, dim]``
+    (captions of video i are rows i*cpv .. i*cpv+cpv-1), float32."""
+    dim, n_frames = cfg.dim, cfg.n_frames
+    n_texts = n_videos * captions_per_video
+    if world is None:  # the structureless `random` preset
+        frames = rng.standard_normal((n_videos, n_frames, dim), dtype=np.float32)
+        texts = rng.standard_normal((n_texts, dim), dtype=np.float32)
+        return frames * cfg.image_scale / np.sqrt(dim), texts * cfg.text_scale / np.sqrt(dim)
+
+    frames = np.empty((n_videos, n_frames, dim), dtype=np.float32)
+    texts = np.empty((n_texts, dim), dtype=np.float32)
+    for v in range(n_videos):
+        n_scenes = int(rng.integers(cfg.min_scenes, cfg.max_scenes + 1))
+        scene_concepts = rng.choice(cfg.n_concepts, size=n_scenes, replace=False, p=world.popularity)
+        cuts = np.sort(rng.choice(np.arange(1, n_frames), size=n_scenes - 1, replace=False))
+        scene_of_frame = np.searchsorted(cuts, np.arange(n_frames), side="right")  # [n_frames]
+        context = rng.standard_normal(dim) / np.sqrt(dim)
+        noise = rng.standard_normal((n_frames, dim)) / np.sqrt(dim)
+        x = world.concepts[scene_concepts[scene_of_frame]] + cfg.context * context + cfg.frame_noise * noise
+        frames[v] = cfg.image_scale * (_unit(x) + world.gap_image)
+
+        named = rng.random((captions_per_video, n_scenes)) < cfg.mention  # [n_captions, n_scenes]
+        named[np.arange(captions_per_video), rng.integers(n_scenes, size=captions_per_video)] = True
+        y = named @ world.text_concepts[scene_concepts] / np.sqrt(named.sum(axis=1, keepdims=True))
+        y = y + cfg.text_noise * rng.standard_normal((captions_per_video, dim)) / np.sqrt(dim)
+        texts[v * captions_per_video : (v + 1) * captions_per_video] = cfg.text_scale * (_unit(y) + world.gap_text)
+    return frames, texts
+
+
+def simulate(preset: str | SimulationConfig, out_dir: Path, seed: int = 0, progress: bool = True) -> dict[str, Path]:
+    """Write the train and test splits of a preset under ``out_dir`` (``out_dir/train``,
+    ``out_dir/test``); returns the split directories. Deterministic in ``seed``."""
+    cfg = PRESETS[preset] if isinstance(preset, str) else preset
+    out_dir = Path(out_dir)
+    world_seed, *split_seeds = np.random.SeedSequence(seed).spawn(3)
+    world = _make_world(cfg, np.random.default_rng(world_seed)) if cfg.structured else None
+    written = {}
+    for split, shape, split_seed in (("train", cfg.train, split_seeds[0]), ("test", cfg.test, split_seeds[1])):
+        meta = FeatureMeta(
+            dataset=f"sim-{cfg.name}",
+            split=split,
+            model="simulated",
+            pretrained="none",
+            embed_dim=cfg.dim,
+            num_frames=cfg.n_frames,
+            frame_sampling="simulated",
+            logit_scale=CLIP_LOGIT_SCALE,
+            random_init=False,
+            source="simulated",
+            extra={"preset": cfg.name, "seed": seed, "generator": dataclasses.asdict(cfg)},
+        )
+        split_dir = out_dir / split
+        n_shards = -(-shape.n_videos // cfg.videos_per_shard)
+        shard_rngs = [np.random.default_rng(s) for s in split_seed.spawn(n_shards)]
+        records = []
+        for shard in tqdm(range(n_shards), desc=f"simulate {cfg.name}/{split}", unit="shard", disable=not progress):
+            first = shard * cfg.videos_per_shard
+            n = min(cfg.videos_per_shard, shape.n_videos - first)
+            frames, texts = _simulate_block(cfg, world, n, shape.captions_per_video, shard_rngs[shard])
+            video_ids = [f"{split}-video{first + i:06d}" for i in range(n)]
+            owner = [vid for vid in video_ids for _ in range(shape.captions_per_video)]
+            text_ids = [f"{vid}-cap{c:02d}" for vid in video_ids for c in range(shape.captions_per_video)]
+            captions = [f"simulated caption {c} of {vid}" for vid in video_ids for c in range(shape.captions_per_video)]
+            records.append(write_video_shard(split_dir / shard_name("videos", shard), meta, video_ids, frames))
+            records.append(write_text_shard(split_dir / shard_name("texts", shard), meta, text_ids, owner, captions, texts))
+        write_manifest(split_dir, meta, records)
+        written[split] = split_dir
+    return written

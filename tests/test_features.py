@@ -1,0 +1,235 @@
+"""The shard format: round trip, plain-h5py/dask readability, validation of every fault."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import dask.array as da
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tmass.cli import main
+from tmass.features.format import (
+    FeatureFormatError,
+    FeatureMeta,
+    check_split,
+    load_split,
+    open_split,
+    shard_name,
+    write_manifest,
+    write_text_shard,
+    write_video_shard,
+)
+
+
+def _meta(dim=8, frames=4) -> FeatureMeta:
+    return FeatureMeta(
+        dataset="unit", split="test", model="ViT-B-32", pretrained="none", embed_dim=dim,
+        num_frames=frames, frame_sampling="uniform", logit_scale=100.0, random_init=True,
+    )
+
+
+def _write_split(split_dir, rng, n_videos=(5, 3), captions_per_video=3, dim=8, frames=4):
+    """Two shard pairs with several captions per video and one padded clip."""
+    meta = _meta(dim, frames)
+    records, written = [], {"video_ids": [], "frames": [], "mask": [], "text_ids": [], "owner": [], "captions": [], "emb": []}
+    for shard, n in enumerate(n_videos):
+        ids = [f"v{shard}-{i}" for i in range(n)]
+        x = rng.standard_normal((n, frames, dim)).astype(np.float32) * 7
+        mask = np.ones((n, frames), bool)
+        mask[0, -1] = False  # a clip one frame short
+        owner = [v for v in ids for _ in range(captions_per_video)]
+        text_ids = [f"{v}#{c}" for v in ids for c in range(captions_per_video)]
+        caps = [f"caption {c} of {v} — ünïcode" for v in ids for c in range(captions_per_video)]
+        emb = rng.standard_normal((len(text_ids), dim)).astype(np.float32)
+        records.append(write_video_shard(split_dir / shard_name("videos", shard), meta, ids, x, mask))
+        records.append(write_text_shard(split_dir / shard_name("texts", shard), meta, text_ids, owner, caps, emb))
+        for key, val in (("video_ids", ids), ("frames", [x]), ("mask", [mask]), ("text_ids", text_ids), ("owner", owner), ("captions", caps), ("emb", [emb])):
+            written[key] += val
+    write_manifest(split_dir, meta, records)
+    return written
+
+
+def test_round_trip_is_bit_identical_as_float16(tmp_path):
+    written = _write_split(tmp_path, np.random.default_rng(0))
+    arrays = load_split(tmp_path)
+    assert arrays.video_ids == written["video_ids"]
+    assert arrays.text_ids == written["text_ids"]
+    assert arrays.captions == written["captions"]
+    assert arrays.frames.dtype == np.float16 and arrays.text_embeddings.dtype == np.float16
+    expected_frames = np.concatenate(written["frames"]).astype(np.float16)
+    assert np.array_equal(arrays.frames.view(np.uint16), expected_frames.view(np.uint16))
+    expected_emb = np.concatenate(written["emb"]).astype(np.float16)
+    assert np.array_equal(arrays.text_embeddings.view(np.uint16), expected_emb.view(np.uint16))
+    assert np.array_equal(arrays.frame_mask, np.concatenate(written["mask"]))
+    # caption -> video mapping survives, as one index array
+    assert [arrays.video_ids[j] for j in arrays.text_to_video] == written["owner"]
+    assert arrays.meta == _meta()
+
+
+def test_streaming_reader_matches_in_memory_loader(tmp_path):
+    _write_split(tmp_path, np.random.default_rng(1))
+    split = open_split(tmp_path)
+    arrays = split.load()
+    frames = np.concatenate([b.frames for b in split.iter_videos()])
+    texts = list(split.iter_texts())
+    assert np.array_equal(frames, arrays.frames)
+    assert sum((b.video_ids for b in texts), []) == [arrays.video_ids[j] for j in arrays.text_to_video]
+    assert len(texts) == 2  # one batch per shard: memory bounded by a shard
+
+
+def test_shards_stack_with_plain_h5py_and_dask(tmp_path):
+    """A user without our package can read the shards: dask over h5py equals our reader."""
+    _write_split(tmp_path, np.random.default_rng(2))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    files = [tmp_path / s["file"] for s in manifest["shards"] if s["kind"] == "videos"]
+    handles = [h5py.File(f, "r") for f in files]
+    try:
+        stacked = da.concatenate([da.from_array(h["frames"], chunks=(2, -1, -1)) for h in handles]).compute()
+        assert handles[0].attrs["model"] == "ViT-B-32" and handles[0].attrs["embed_dim"] == 8
+    finally:
+        for h in handles:
+            h.close()
+    assert np.array_equal(stacked, load_split(tmp_path).frames)
+
+
+def test_manifest_is_self_describing(tmp_path):
+    _write_split(tmp_path, np.random.default_rng(3))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"] == {"videos": 8, "texts": 24}
+    for key in ("format_version", "software_version", "created"):
+        assert manifest[key]
+    for key in ("model", "pretrained", "embed_dim", "num_frames", "frame_sampling", "logit_scale", "random_init"):
+        assert key in manifest["meta"]
+    assert all(len(s["sha256"]) == 64 and s["rows"] > 0 for s in manifest["shards"])
+    assert not list(tmp_path.glob(".*tmp*")), "atomic writes leave no temporary files"
+
+
+# --------------------------------------------------------------------- corruption
+
+
+def _only_fault(problems, file_name, words):
+    assert problems, "a corrupted split must not pass check"
+    joined = "\n".join(problems)
+    assert file_name in joined, joined
+    assert any(w in joined for w in words), joined
+
+
+def test_check_passes_on_simulated_tiny(tiny_features):
+    for split in ("train", "test"):
+        assert check_split(tiny_features / split) == []
+
+
+def test_check_names_a_deleted_shard(tiny_copy):
+    (tiny_copy / "test" / "videos-00000.h5").unlink()
+    _only_fault(check_split(tiny_copy / "test"), "videos-00000.h5", ["missing"])
+
+
+def test_check_names_a_truncated_shard(tiny_copy):
+    path = tiny_copy / "test" / "texts-00000.h5"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _only_fault(check_split(tiny_copy / "test"), "texts-00000.h5", ["truncated"])
+
+
+def test_check_names_a_wrong_dim(tiny_copy):
+    """Rewrite a shard with embeddings of another width (manifest entry kept up to date
+    but for the dim): the fault reported is the dim, not only a checksum."""
+    path = tiny_copy / "train" / "texts-00001.h5"
+    with h5py.File(path, "r+") as h5:
+        emb = h5["embedding"][:]
+        del h5["embedding"]
+        h5.create_dataset("embedding", data=emb[:, : emb.shape[1] // 2])
+    _only_fault(check_split(tiny_copy / "train"), "texts-00001.h5", ["dim 32"])
+
+
+def test_check_names_a_nan_row(tiny_copy):
+    path = tiny_copy / "train" / "videos-00001.h5"
+    with h5py.File(path, "r+") as h5:
+        row = h5["frames"][5]
+        row[3, 7] = np.nan
+        h5["frames"][5] = row
+    problems = check_split(tiny_copy / "train")
+    _only_fault(problems, "videos-00001.h5", ["NaN"])
+    assert any("row 5" in p for p in problems)
+    with pytest.raises(FeatureFormatError, match="videos-00001.h5"):
+        load_split(tiny_copy / "train", verify_checksums=False)  # values are checked on load too
+
+
+def test_check_names_duplicate_and_unknown_ids(tmp_path):
+    meta = _meta()
+    rng = np.random.default_rng(4)
+    recs = [
+        write_video_shard(tmp_path / shard_name("videos", 0), meta, ["a", "b"], rng.standard_normal((2, 4, 8))),
+        write_video_shard(tmp_path / shard_name("videos", 1), meta, ["b"], rng.standard_normal((1, 4, 8))),
+        write_text_shard(tmp_path / shard_name("texts", 0), meta, ["t1", "t2"], ["a", "ghost"], ["x", "y"], rng.standard_normal((2, 8))),
+    ]
+    write_manifest(tmp_path, meta, recs)
+    problems = check_split(tmp_path)
+    assert any("duplicate video ids" in p and "'b'" in p for p in problems)
+    assert any("unknown videos" in p and "ghost" in p for p in problems)
+    with pytest.raises(FeatureFormatError):
+        open_split(tmp_path)
+
+
+def test_writer_rejects_shapes_that_disagree_with_meta(tmp_path):
+    with pytest.raises(ValueError, match="expected"):
+        write_video_shard(tmp_path / "v.h5", _meta(), ["a"], np.zeros((1, 3, 8)))
+    assert not list(tmp_path.iterdir()), "a rejected write leaves nothing behind"
+
+
+# --------------------------------------------------------------------- CLI and packaging
+
+
+def test_cli_simulate_then_check_and_info(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "f"
+    result = runner.invoke(main, ["features", "simulate", "--preset", "tiny", "--out", str(out), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(main, ["features", "check", str(out)]).exit_code == 0
+    info = runner.invoke(main, ["features", "info", str(out)])
+    assert info.exit_code == 0 and "256 videos x 12 frames" in info.output and "1024 captions" in info.output
+    (out / "test" / "texts-00000.h5").unlink()
+    failed = runner.invoke(main, ["features", "check", str(out)])
+    assert failed.exit_code == 1 and "texts-00000.h5" in failed.output
+
+
+def test_simulation_is_deterministic_in_seed(tmp_path):
+    from tmass.features.simulate import simulate
+
+    a = load_split(simulate("tiny", tmp_path / "a", seed=5, progress=False)["test"])
+    b = load_split(simulate("tiny", tmp_path / "b", seed=5, progress=False)["test"])
+    c = load_split(simulate("tiny", tmp_path / "c", seed=6, progress=False)["test"])
+    assert np.array_equal(a.frames, b.frames) and np.array_equal(a.text_embeddings, b.text_embeddings)
+    assert not np.array_equal(a.frames, c.frames)
+
+
+def test_install_shadows_no_common_module(tmp_path):
+    """`evaluate`, `train`, `features`, `extract` must not be importable at top level
+    (run outside the repository so the checkout itself is not on sys.path)."""
+    code = (
+        "import importlib.util, tmass.evaluate, tmass.train, tmass.features, tmass.extract\n"
+        "import os\n"
+        "for name in ('evaluate', 'train', 'features', 'extract'):\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        "    assert spec is None or 'site-packages' in str(spec.origin), (name, spec)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+
+    def walk(cmd, path):
+        result = runner.invoke(main, path + ["--help"])
+        assert result.exit_code == 0, (path, result.output)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, path + [name])
+
+    walk(main, [])

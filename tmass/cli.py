@@ -1,0 +1,26 @@
+"""The ``tmass`` command: one click group, one sub-command (or group) per stage.
+
+Each stage owns its commands in its own ``cli.py``; heavy imports (torch, open_clip,
+decord) happen inside the commands so that ``tmass --help`` stays instant.
+"""
+
+import click
+
+from tmass import __version__
+from tmass.features.cli import features
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tmass")
+def main():
+    """T-MASS text-video retrieval on precomputed CLIP features.
+
+    \b
+    Typical loop:
+      tmass extract --dataset demo --data-root data/demo --out features
+      tmass train   --features features/demo/ViT-B-32__auto --head tmass --out runs/demo
+      tmass eval    --features features/demo/ViT-B-32__auto --checkpoint runs/demo/best.pt
+    """
+
+
+main.add_command(features)
