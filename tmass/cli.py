@@ -7,7 +7,9 @@ decord) happen inside the commands so that ``tmass --help`` stays instant.
 import click
 
 from tmass import __version__
+from tmass.extract.cli import extract
 from tmass.features.cli import features
+from tmass.train.cli import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,3 +26,5 @@ def main():
 
 
 main.add_command(features)
+main.add_command(extract)
+main.add_command(train)

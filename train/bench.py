@@ -1,0 +1,75 @@
+"""Training speed on cached features: seconds per epoch of a head at a given batch size.
+
+    python -m tmass.train.bench --features /tmp/sim-msrvtt --steps 500      # make bench-train
+
+Times ``steps`` optimiser steps of the real training step (``Trainer.step``: batch
+gather and float32 cast, forward, all loss terms, backward, clipping, AdamW, logging
+scalars) over every (caption, video) pair of the train split, after a short warm-up, and
+extrapolates to one epoch; ``--full-epoch`` times the whole epoch instead.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+WARMUP_STEPS = 20  # untimed: first-call allocations and kernel selection
+
+
+def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int = 32,
+          device: str = "cpu", full_epoch: bool = False) -> dict:
+    """Measured seconds per step and per epoch (the epoch figure is extrapolated from
+    ``steps`` timed steps unless ``full_epoch``)."""
+    import torch
+
+    from tmass.features.format import load_split
+    from tmass.train.data import PairData
+    from tmass.train.heads import HeadConfig
+    from tmass.train.trainer import Trainer, TrainConfig, resolve_configs, resolve_device
+
+    arrays = load_split(Path(features) / "train")
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, device=device)
+    cfg, head_cfg = resolve_configs(cfg, HeadConfig(head=head), arrays)
+    dev = resolve_device(device)
+    trainer = Trainer(cfg, head_cfg, PairData(arrays, dev), dev)
+    timed = trainer.steps_per_epoch - WARMUP_STEPS if full_epoch else min(steps, trainer.steps_per_epoch - WARMUP_STEPS)
+    batches = trainer.epoch_batches(0)
+    for _ in range(WARMUP_STEPS):
+        trainer.step(next(batches))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    for _ in range(timed):
+        trainer.step(next(batches))  # .item() on the losses synchronises every step
+    seconds = time.perf_counter() - start
+    per_step = seconds / timed
+    return {
+        "head": head, "batch_size": batch_size, "device": str(dev), "threads": torch.get_num_threads(),
+        "pairs": len(trainer.data), "steps_per_epoch": trainer.steps_per_epoch, "timed_steps": timed,
+        "seconds_per_step": per_step, "steps_per_second": 1 / per_step,
+        "seconds_per_epoch": per_step * trainer.steps_per_epoch, "extrapolated": not full_epoch,
+    }
+
+
+@click.command()
+@click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--head", type=click.Choice(["meanp", "xpool", "tmass"]), default="tmass", show_default=True)
+@click.option("--steps", type=int, default=500, show_default=True, help="Timed steps (after a warm-up).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--full-epoch", is_flag=True, help="Time a whole epoch instead of extrapolating.")
+def main(features, head, steps, batch_size, device, full_epoch):
+    """Print seconds per training epoch of HEAD on FEATURES/train."""
+    r = bench(features, head, steps, batch_size, device, full_epoch)
+    how = f"extrapolated from {r['timed_steps']} steps" if r["extrapolated"] else "whole epoch timed"
+    click.echo(
+        f"{r['head']} batch {r['batch_size']} on {r['device']} ({r['threads']} threads): "
+        f"{r['seconds_per_step'] * 1e3:.1f} ms/step, {r['steps_per_second']:.1f} steps/s, "
+        f"{r['seconds_per_epoch']:.0f} s/epoch of {r['pairs']} pairs ({r['steps_per_epoch']} steps; {how})"
+    )
+
+
+if __name__ == "__main__":
+    main()

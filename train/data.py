@@ -1,0 +1,94 @@
+"""Training data on cached features: the validation hold-out and the per-epoch pair order.
+
+A training example is one (caption, video) pair of the train split: caption i and video
+``text_to_video[i]``. Everything stays in memory as stored (float16); a batch is cast to
+float32 on the fly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import torch
+
+from tmass.features.format import SplitArrays
+
+_HASH_BYTES = 8  # of a video id's SHA-256, read as an integer in [0, 2**64)
+
+
+def held_out_videos(video_ids: list[str], fraction: float) -> np.ndarray:
+    """Boolean mask ``[n_video]``: the videos set aside for validation.
+
+    A video is held out when the first 8 bytes of SHA-256(video id) fall below
+    ``fraction`` of their range: deterministic, independent of shard order and of the
+    other ids, and stable when the split grows (a video never changes side)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    threshold = int(fraction * 2 ** (8 * _HASH_BYTES))
+    return np.array(
+        [int.from_bytes(hashlib.sha256(v.encode("utf-8")).digest()[:_HASH_BYTES], "big") < threshold for v in video_ids],
+        dtype=bool,
+    )
+
+
+def subset_videos(arrays: SplitArrays, keep: np.ndarray) -> SplitArrays:
+    """The videos where ``keep`` ``[n_video]`` is True, with all their captions and
+    ``text_to_video`` re-indexed. ``manifest_sha256`` stays the parent split's."""
+    rows = np.flatnonzero(keep)
+    new_row = np.full(len(keep), -1, dtype=np.int64)
+    new_row[rows] = np.arange(len(rows))
+    texts = np.flatnonzero(keep[arrays.text_to_video])
+    return dataclasses.replace(
+        arrays,
+        video_ids=[arrays.video_ids[i] for i in rows],
+        frames=arrays.frames[rows],
+        frame_mask=arrays.frame_mask[rows],
+        text_ids=[arrays.text_ids[i] for i in texts],
+        captions=[arrays.captions[i] for i in texts],
+        text_embeddings=arrays.text_embeddings[texts],
+        text_to_video=new_row[arrays.text_to_video[texts]],
+    )
+
+
+def split_validation(arrays: SplitArrays, fraction: float) -> tuple[SplitArrays, SplitArrays | None]:
+    """(train, validation) from one split, holding out ``fraction`` of its videos with all
+    their captions (see :func:`held_out_videos`); validation is None when fraction is 0."""
+    if fraction == 0:
+        return arrays, None
+    held = held_out_videos(arrays.video_ids, fraction)
+    if held.all() or not held.any():
+        raise ValueError(
+            f"validation fraction {fraction} holds out {int(held.sum())} of {len(held)} videos; "
+            "choose a fraction that leaves both sides non-empty (or 0 to disable validation)"
+        )
+    return subset_videos(arrays, ~held), subset_videos(arrays, held)
+
+
+def epoch_order(n_pairs: int, seed: int, epoch: int) -> torch.Tensor:
+    """The pair order of one epoch, ``[n_pairs]`` int64: a permutation drawn from a
+    generator seeded by (seed, epoch) alone, so a resumed run can rebuild any epoch's
+    order without replaying the ones before it."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return torch.randperm(n_pairs, generator=generator)
+
+
+class PairData:
+    """One split's pairs as tensors on ``device`` (float16, as stored)."""
+
+    def __init__(self, arrays: SplitArrays, device: torch.device | str = "cpu"):
+        self.text = torch.as_tensor(arrays.text_embeddings, device=device)  # [n_text, dim]
+        self.frames = torch.as_tensor(arrays.frames, device=device)  # [n_video, n_frames, dim]
+        self.frame_mask = torch.as_tensor(arrays.frame_mask, device=device)  # [n_video, n_frames]
+        self.text_to_video = torch.as_tensor(arrays.text_to_video, device=device)  # [n_text]
+
+    def __len__(self) -> int:
+        return self.text.shape[0]
+
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Captions ``rows`` ``[B]`` -> text ``[B, dim]``, frames ``[B, n_frames, dim]``
+        (float32) and frame_mask ``[B, n_frames]`` of each caption's video."""
+        rows = rows.to(self.text.device)
+        videos = self.text_to_video[rows]
+        return self.text[rows].float(), self.frames[videos].float(), self.frame_mask[videos]

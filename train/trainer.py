@@ -1,0 +1,440 @@
+"""Train a head on cached features: config, schedule, one step, checkpoints, the run.
+
+Read top to bottom:
+
+1. ``lr_at``: the learning rate of step s, a pure function (cosine with linear warm-up).
+2. ``TrainConfig``: every training setting, defaults from the paper (section 4.1).
+3. ``Trainer``: head + AdamW + noise generator; ``step(rows)`` is one optimiser step.
+4. checkpoints: ``last.pt`` (everything needed to resume bit-exactly) and ``best.pt``.
+5. ``train``: the run: data, validation hold-out, loop, logs, selection, final metrics.
+
+A run directory holds ``config.json`` (resolved configs, features and their manifest
+hashes, software version, selection label), ``log.jsonl`` (one record per step, plus
+validation records), ``train.log`` (a line per epoch), ``last.pt``, ``best.pt`` and
+``metrics.json``.
+
+Determinism: the head starts from a fixed (identity) init; dropout draws from torch's
+global generator, seeded with ``seed``; the stochastic text from its own generator; the
+pair order of epoch e from a generator seeded by (seed, e). All three are in ``last.pt``,
+so on CPU a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tmass import __version__
+from tmass.features.format import SplitArrays, load_split
+from tmass.train.data import PairData, epoch_order, split_validation
+from tmass.train.heads import Head, HeadConfig
+from tmass.train.losses import SUPPORT_VIDEOS, batch_losses, parse_loss_terms
+
+CHECKPOINT_VERSION = 1
+SELECTION_LABELS = {
+    "val": "validation: {fraction:g} of the train split's videos held out",
+    "test": "test-split (optimistic)",
+    "none": "none: no validation, best = last",
+}
+RUN_FILES = ("config.json", "log.jsonl", "train.log", "last.pt", "best.pt", "metrics.json")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup_fraction: float = 0.1) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) out of ``total``.
+
+    Linear warm-up from 0 over the first ``int(warmup_fraction * total)`` steps, then a
+    half cosine from ``base_lr`` to 0 at ``total``: CLIP's schedule, as X-Pool and T-MASS
+    use it (Hugging Face's ``get_cosine_schedule_with_warmup``, step for step)."""
+    warmup = int(warmup_fraction * total)
+    if step < warmup:
+        return base_lr * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Defaults are the paper's settings (ViT-B/32, all datasets but the
+    learning rate of MSR-VTT, which is 3e-5 in the reference)."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.2  # AdamW, on every parameter, as X-Pool
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    seed: int = 0
+    loss_terms: tuple[str, ...] = ()  # () = the head's default: ce (meanp, xpool), s+sup (tmass)
+    support_weight: float = 0.8  # alpha of Eq. 9, the paper's final MSR-VTT value
+    support_video: str = "paired"  # paired | batch-mean (the reference); see losses.batch_losses
+    val_fraction: float = 0.05  # of the train split's videos, held out for selection; 0 disables
+    val_trials: int = 0  # T-MASS sampling trials when validating (0: the deterministic t, fast)
+    val_every: int = 0  # steps between validations; 0: at the end of each epoch
+    select_on: str = "val"  # val | test ("test-split (optimistic)": must be asked for)
+    eval_trials: int = 20  # T-MASS trials for the final test metrics (the paper's M)
+    final_eval: bool = True  # evaluate best.pt on the test split at the end
+    checkpoint_every: int = 1000  # steps between writes of last.pt (also at each epoch end)
+    device: str = "auto"  # auto | cpu | cuda[:N]; not part of a run's identity
+
+    def __post_init__(self):
+        self.loss_terms = tuple(self.loss_terms)
+        if self.select_on not in ("val", "test"):
+            raise ValueError(f"select_on must be 'val' or 'test', got {self.select_on!r}")
+        if self.support_video not in SUPPORT_VIDEOS:
+            raise ValueError(f"support_video must be one of {SUPPORT_VIDEOS}, got {self.support_video!r}")
+        for name in ("epochs", "val_trials", "val_every", "eval_trials"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (a contrastive batch needs negatives)")
+        if self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1")
+
+    @property
+    def selection(self) -> str:
+        """The label every output of the run carries: what ``best.pt`` was selected on."""
+        if self.select_on == "test":
+            return SELECTION_LABELS["test"]
+        if self.val_fraction == 0:
+            return SELECTION_LABELS["none"]
+        return SELECTION_LABELS["val"].format(fraction=self.val_fraction)
+
+    def identity(self) -> dict:
+        """The settings that determine the trained weights (``device`` excluded)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def resolve_configs(cfg: TrainConfig, head_cfg: HeadConfig, arrays: SplitArrays) -> tuple[TrainConfig, HeadConfig]:
+    """Fill in what the features and the head decide: loss terms (head default, checked
+    against the head), and the head's width, frame count and initial logit scale (from
+    the features manifest)."""
+    cfg = dataclasses.replace(cfg, loss_terms=parse_loss_terms(cfg.loss_terms, head_cfg.head))
+    meta = arrays.meta
+    head_cfg = dataclasses.replace(
+        head_cfg, embed_dim=meta.embed_dim, num_frames=meta.num_frames, logit_scale=float(meta.logit_scale)
+    )
+    return cfg, head_cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+class Trainer:
+    """A head, its AdamW optimiser and the generators of one run; ``step`` trains on a
+    batch of caption rows. Holds no file: checkpoints are the caller's business."""
+
+    def __init__(self, cfg: TrainConfig, head_cfg: HeadConfig, data: PairData, device: torch.device):
+        self.cfg = cfg
+        self.data = data
+        self.device = device
+        torch.manual_seed(cfg.seed)  # dropout draws from the global generator
+        self.head = Head(head_cfg).to(device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.noise = torch.Generator(device=device).manual_seed(cfg.seed)  # stochastic text
+        self.steps_per_epoch = len(data) // cfg.batch_size  # the last, incomplete batch is dropped
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(data)} training pairs are fewer than one batch of {cfg.batch_size}")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.step_count = 0  # optimiser steps done
+
+    def epoch_batches(self, epoch: int, start: int = 0):
+        """Caption rows of batches ``start ..`` of epoch ``epoch``, each ``[batch_size]``."""
+        order = epoch_order(len(self.data), self.cfg.seed, epoch)
+        size = self.cfg.batch_size
+        for i in range(start, self.steps_per_epoch):
+            yield order[i * size : (i + 1) * size]
+
+    def step(self, rows: torch.Tensor) -> dict:
+        """One optimiser step on the pairs of caption ``rows``; returns the log record."""
+        lr = lr_at(self.step_count, self.total_steps, self.cfg.lr, self.cfg.warmup_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        text, frames, frame_mask = self.data.batch(rows)
+        losses = batch_losses(
+            self.head, text, frames, frame_mask, self.cfg.loss_terms,
+            self.cfg.support_weight, self.cfg.support_video, self.noise,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step_count += 1
+        record = {"step": self.step_count, "epoch": (self.step_count - 1) // self.steps_per_epoch, "lr": lr}
+        record.update({name: value.item() for name, value in losses.items()})
+        record["logit_scale"] = self.head.logit_scale().item()
+        return record
+
+    def rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "noise": self.noise.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        self.noise.set_state(state["noise"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)``, then rename: a file with its final name is always complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def save_checkpoint(path: Path, trainer: Trainer, run: dict, full: bool) -> None:
+    """``run``: features hashes, selection, best-so-far, ...; ``full`` adds what resuming
+    needs (optimiser, generators)."""
+    checkpoint = {
+        "version": CHECKPOINT_VERSION,
+        "software_version": __version__,
+        "state_dict": trainer.head.state_dict(),
+        "head_config": dataclasses.asdict(trainer.head.cfg),
+        "train_config": dataclasses.asdict(trainer.cfg),
+        "step": trainer.step_count,
+        "epoch": trainer.step_count // trainer.steps_per_epoch,  # epochs completed
+        **run,
+    }
+    if full:
+        checkpoint["optimizer"] = trainer.optimizer.state_dict()
+        checkpoint["rng"] = trainer.rng_state()
+    _atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Head, dict]:
+    """A trained head (eval mode) and the checkpoint's other entries, from ``best.pt`` or
+    ``last.pt`` of a run."""
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    head = Head(HeadConfig(**checkpoint["head_config"])).to(device)
+    head.load_state_dict(checkpoint["state_dict"])
+    return head.eval(), checkpoint
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _evaluate(head: Head, arrays: SplitArrays, trials: int, seed: int, device: torch.device) -> dict:
+    """Leak-free retrieval metrics of ``head`` on a split, leaving the training state as
+    it was: train/eval mode and every random generator."""
+    from tmass.evaluate import EvalConfig, evaluate_head
+
+    was_training = head.training
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        head.eval()
+        metrics = evaluate_head(head, arrays, EvalConfig(trials=trials, seed=seed, device=str(device), progress=False))
+    head.train(was_training)
+    return metrics
+
+
+class _RunLog:
+    """``log.jsonl`` (machine) and ``train.log`` (human) of a run, appended line by line."""
+
+    def __init__(self, out: Path, resume_step: int | None):
+        self.jsonl_path, self.text_path = out / "log.jsonl", out / "train.log"
+        if resume_step is not None and self.jsonl_path.exists():
+            # Drop what was logged after the checkpoint we resume from: it will be redone.
+            kept = [line for line in self.jsonl_path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+            _atomic_write(self.jsonl_path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept)))
+        self.jsonl = open(self.jsonl_path, "a")
+        self.text = open(self.text_path, "a")
+
+    def record(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def say(self, line: str) -> None:
+        self.text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        self.text.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.text.close()
+
+
+def _r1(metrics: dict) -> float:
+    return float(metrics["t2v"]["R1"])
+
+
+def train(
+    features: Path,
+    out: Path,
+    cfg: TrainConfig,
+    head_cfg: HeadConfig,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``head_cfg`` on ``features/train``; write the run directory ``out``.
+
+    ``features`` holds ``train/`` and ``test/`` splits. The head's width, frame count and
+    initial logit scale come from the features. ``best.pt`` is selected by text-to-video
+    R@1 on a hold-out of the train split's videos (``val_fraction``), or on the test split
+    when ``select_on="test"`` (then every output says so), or is the last state when there
+    is no validation. ``resume`` continues from ``out/last.pt`` (configs must match).
+    ``stop_after`` ends the run after that many steps, writing ``last.pt`` (a planned
+    interruption). Returns the metrics written to ``metrics.json``.
+    """
+    features, out = Path(features), Path(out)
+    device = resolve_device(cfg.device)
+    train_arrays = load_split(features / "train")
+    test_dir = features / "test"
+    test_arrays = load_split(test_dir) if (test_dir / "manifest.json").exists() else None
+    if test_arrays is None and (cfg.select_on == "test" or cfg.final_eval):
+        raise FileNotFoundError(f"{test_dir}: no test split (needed for select_on=test or the final metrics)")
+    cfg, head_cfg = resolve_configs(cfg, head_cfg, train_arrays)
+
+    if cfg.select_on == "test":
+        fit_arrays, val_arrays, val_split = train_arrays, test_arrays, "test"
+    else:
+        fit_arrays, val_arrays = split_validation(train_arrays, cfg.val_fraction)
+        val_split = "val" if val_arrays is not None else None
+    hashes = {"train": train_arrays.manifest_sha256, "test": test_arrays.manifest_sha256 if test_arrays else None}
+    config = {
+        "train": dataclasses.asdict(cfg),
+        "head": dataclasses.asdict(head_cfg),
+        "features": str(features.resolve()),
+        "features_manifest_sha256": hashes,
+        "software_version": __version__,
+        "selection": cfg.selection,
+        "pairs": {"train": len(fit_arrays.text_ids), "val": len(val_arrays.text_ids) if val_split == "val" else 0},
+    }
+
+    trainer = Trainer(cfg, head_cfg, PairData(fit_arrays, device), device)
+    run = {"features_manifest_sha256": hashes, "selection": cfg.selection, "best": None}
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        run = _resume(out, trainer, config, run)
+    elif any((out / name).exists() for name in RUN_FILES):
+        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) or choose another directory")
+    else:
+        write_json(out / "config.json", config)
+    log = _RunLog(out, trainer.step_count if resume else None)
+    started = time.perf_counter()
+    try:
+        if not resume:
+            log.record({"event": "start", "step": 0, "selection": cfg.selection, "total_steps": trainer.total_steps})
+            log.say(f"start: {head_cfg.head} on {features}, {trainer.total_steps} steps; selection: {cfg.selection}")
+        else:
+            log.say(f"resumed at step {trainer.step_count}")
+
+        def validate() -> None:
+            if val_split is None:
+                return
+            metrics = _evaluate(trainer.head, val_arrays, cfg.val_trials, cfg.seed, device)
+            best = run["best"] is None or _r1(metrics) > run["best"]["R1"]
+            log.record({"event": "val", "step": trainer.step_count, "epoch": trainer.step_count / trainer.steps_per_epoch,
+                        "split": val_split, "selection": cfg.selection, "best": best, **metrics})
+            log.say(f"step {trainer.step_count}: {val_split} t2v R@1 {_r1(metrics):.2f}" + (" (best)" if best else ""))
+            if best:
+                run["best"] = {"R1": _r1(metrics), "step": trainer.step_count, "split": val_split, "metrics": metrics}
+                save_checkpoint(out / "best.pt", trainer, run, full=False)
+
+        def checkpoint(best_too: bool = val_split is None) -> None:
+            save_checkpoint(out / "last.pt", trainer, run, full=True)
+            if best_too:  # nothing to select on: best = last
+                save_checkpoint(out / "best.pt", trainer, run, full=False)
+
+        if not resume:  # the initial model (--epochs 0: untrained baselines, audits); the
+            checkpoint(best_too=True)  # first validation replaces best.pt
+        first_epoch, first_batch = divmod(trainer.step_count, trainer.steps_per_epoch)
+        for epoch in range(first_epoch, cfg.epochs):
+            start = first_batch if epoch == first_epoch else 0
+            bar = tqdm(trainer.epoch_batches(epoch, start), total=trainer.steps_per_epoch, initial=start,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress)
+            epoch_loss = []
+            for rows in bar:
+                record = trainer.step(rows)
+                log.record(record)
+                epoch_loss.append(record["total"])
+                bar.set_postfix(loss=f"{record['total']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                end_of_epoch = trainer.step_count % trainer.steps_per_epoch == 0
+                if cfg.val_every and trainer.step_count % cfg.val_every == 0 and not end_of_epoch:
+                    validate()
+                if end_of_epoch:
+                    validate()
+                if end_of_epoch or trainer.step_count % cfg.checkpoint_every == 0 or trainer.step_count == stop_after:
+                    checkpoint()
+                if trainer.step_count == stop_after:
+                    log.say(f"stopped after step {stop_after} (stop_after); resume to continue")
+                    return {"stopped_at": stop_after}
+            bar.close()
+            if epoch_loss:
+                log.say(f"epoch {epoch + 1}: mean loss {sum(epoch_loss) / len(epoch_loss):.4f} over {len(epoch_loss)} steps")
+
+        metrics = {"selection": cfg.selection, "steps": trainer.step_count, "best": run["best"],
+                   "train_seconds_this_session": round(time.perf_counter() - started, 2)}
+        if cfg.final_eval:
+            best_head, best_ckpt = load_checkpoint(out / "best.pt", device)
+            metrics["test"] = _evaluate(best_head, test_arrays, cfg.eval_trials, cfg.seed, device)
+            metrics["test"]["checkpoint"] = {"file": "best.pt", "step": best_ckpt["step"], "trials": cfg.eval_trials}
+            log.say(f"test t2v R@1 {_r1(metrics['test']):.2f} (best.pt, step {best_ckpt['step']}, {cfg.eval_trials} trials)")
+        write_json(out / "metrics.json", metrics)
+        return metrics
+    finally:
+        log.close()
+
+
+def _resume(out: Path, trainer: Trainer, config: dict, run: dict) -> dict:
+    """Restore ``trainer`` from ``out/last.pt``; the run must be the same one."""
+    path = out / "last.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: nothing to resume from")
+    checkpoint = torch.load(path, map_location=trainer.device, weights_only=False)
+    saved = TrainConfig.from_json(checkpoint["train_config"])
+    problems = [
+        f"{key}: checkpoint {saved.identity()[key]!r}, now {value!r}"
+        for key, value in trainer.cfg.identity().items() if saved.identity().get(key) != value
+    ]
+    problems += [
+        f"head.{key}: checkpoint {checkpoint['head_config'].get(key)!r}, now {value!r}"
+        for key, value in dataclasses.asdict(trainer.head.cfg).items() if checkpoint["head_config"].get(key) != value
+    ]
+    if checkpoint["features_manifest_sha256"] != config["features_manifest_sha256"]:
+        problems.append("features: manifest hashes differ from the checkpoint's (different features)")
+    if problems:
+        raise ValueError(f"cannot resume {path}: the run differs from the checkpoint's:\n  " + "\n  ".join(problems))
+    trainer.head.load_state_dict(checkpoint["state_dict"])
+    trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    trainer.set_rng_state(checkpoint["rng"])
+    trainer.step_count = checkpoint["step"]
+    return {**run, "best": checkpoint["best"]}
