@@ -1,0 +1,292 @@
+"""Leak-free T-MASS inference: the score s(t, v) of every caption t against every video v.
+
+For a T-MASS head (paper Eq. 5-10):
+
+    p(v|t) = X-Pool pooling of v's frames conditioned on t             [n_text, n_video, dim]
+    r(t,v) = exp(R(S(t, v))), S = cosine of t with each frame of v      [n_text, n_video, dim]
+    s(t,v) = max_m cos(t + eps_m(t, v) * r(t, v), p(v|t))              [n_text, n_video]
+
+with ``trials`` = M draws of eps from the head's prior; M = 0 is "w/o sampling":
+s = cos(t, p(v|t)). X-Pool heads use s = cos(t, p(v|t)), meanP s = cos(t, mean frame).
+
+**Leak-free by construction.** Every quantity above is computed from t, v and the
+head's weights, never from another caption or video, and eps is a pure function of
+(seed, t's id, v's id) (see :mod:`tmass.evaluate.sampling`). So the query and gallery sizes
+are independent, a permuted gallery permutes the columns and nothing else, and chunking
+does not change a score. The tests check all three.
+
+**Audit mode** (``protocol="reference"``) reproduces the official T-MASS evaluator so a
+user can measure its leak on their own features. There, the trial is chosen against
+p(v|t), but the score is cos(t*, p(v|t_v)) with t_v *v's own caption* (its first one in
+the query set): every query is compared with a video already pooled towards the right
+answer. On structureless random features this alone lifts R@1 far above chance.
+
+Two implementations share the noise and are tested equal:
+
+* ``naive``: the head's own modules on [n_text, n_video, ...] chunks and the sampled
+  texts materialised as ``[n_text, n_video, trials, dim]``: the reference, kept simple.
+* ``fast``: on CPU, X-Pool's out_proj, LayerNorm affine and residual linear commute
+  with the attention-weighted sum over frames, so the dim x dim products are applied
+  once per frame, not once per pair (:class:`FoldedXPool`). Per pair only the attention
+  weights (one GEMM for all pairs), two weighted sums over frames, O(n_frames * dim), and
+  the sampling, O(trials * dim), remain; a fused numba kernel does both without ever
+  materialising pooled videos or eps. On CUDA the head's own forward pass is already
+  fast; there ``fast`` means large chunks with materialised eps.
+
+Memory is bounded by ``chunk_pairs`` text-video pairs at a time, never by
+n_text x n_video x dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tmass.evaluate.metrics import dual_softmax, retrieval_metrics
+from tmass.evaluate.sampling import id_keys, keyed_noise, pool_and_score
+from tmass.features.format import SplitArrays
+from tmass.train.heads import Head, XPoolFusion, frame_similarity
+
+PROTOCOLS = ("leak-free", "reference")
+NOISE_MODES = ("fresh", "shared")
+PATHS = ("fast", "naive")
+
+
+@dataclass
+class EvalConfig:
+    """Inference settings. Defaults are the paper's (M = 20 trials, fresh noise)."""
+
+    trials: int = 20
+    seed: int = 0
+    protocol: str = "leak-free"  # leak-free | reference (audit of the official evaluator)
+    noise: str = "fresh"  # fresh: eps per (t, v, m), as in the paper; shared: eps per (t, m)
+    path: str = "fast"  # fast | naive (the reference implementation)
+    chunk_pairs: int = 16384  # text-video pairs held at once: bounds memory
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    progress: bool = True
+
+    def __post_init__(self):
+        for name, allowed in (("protocol", PROTOCOLS), ("noise", NOISE_MODES), ("path", PATHS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.trials < 0:
+            raise ValueError("trials must be >= 0")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
+
+
+def sample_scores_torch(text, radius, pooled, own, eps) -> torch.Tensor:
+    """The sampling step with eps materialised (naive path, and the CUDA fast path).
+
+    text ``[n_text, dim]``, radius ``[n_text, n_video, dim]`` (or ``[..., 1]``),
+    pooled ``[n_text, n_video, dim]``, eps ``[n_text, n_video, trials, dim]``,
+    own ``[n_video, dim]`` or None -> scores ``[n_text, n_video]``."""
+    sampled = text[:, None, None, :] + eps * radius[:, :, None, :]  # [n_text, n_video, trials, dim]
+    cos = _cos(sampled, pooled[:, :, None, :])  # [n_text, n_video, trials]
+    if own is None:
+        return cos.max(dim=-1).values
+    best = cos.argmax(dim=-1)  # [n_text, n_video]
+    chosen = sampled.gather(2, best[:, :, None, None].expand(-1, -1, 1, sampled.shape[-1])).squeeze(2)
+    return _cos(chosen, own[None, :, :])
+
+
+class FoldedXPool:
+    """X-Pool's video side with the dim x dim maps folded into per-frame vectors.
+
+    For head h and frame f of video v (eval mode: dropout is the identity)::
+
+        U[v,hf] = W_out[:, h] @ value[v,f,h]           out_proj applied per frame
+        Z[v,hf] = A @ U[v,hf],  A = (I + W_lin) diag(gamma_attn)
+        o(t,v)  = sum_hf w[t,v,hf] U[v,hf] + b_out      = out_proj(attention)
+        y(t,v)  = (sum_hf w Z + A b_out - mean(o) A 1) / std(o) + (I + W_lin) beta_attn + b_lin
+        p(v|t)  = LayerNorm_out(y)
+
+    Only the attention weights w and the two weighted sums depend on the pair. The
+    pair part runs in :func:`tmass.evaluate.sampling.pool_and_score`; the tests hold the
+    result equal to ``XPoolFusion.forward``."""
+
+    def __init__(self, fusion: XPoolFusion, frames: torch.Tensor, frame_mask: torch.Tensor | None):
+        """frames ``[n_video, n_frames, dim]``, frame_mask ``[n_video, n_frames]``."""
+        self.fusion = fusion
+        n_video, n_frames, dim = frames.shape
+        heads, head_dim = fusion.num_heads, fusion.head_dim
+        normed = fusion.norm_in(frames)
+        self.keys = fusion.k_proj(normed).view(n_video, n_frames, heads, head_dim)
+        values = fusion.v_proj(normed).view(n_video, n_frames, heads, head_dim)
+        w_out = fusion.out_proj.weight.view(dim, heads, head_dim)
+        self.u = torch.einsum("dhc,vfhc->vhfd", w_out, values).reshape(n_video, heads * n_frames, dim)
+        lin = torch.eye(dim, dtype=frames.dtype) + fusion.linear_proj.weight
+        a = lin * fusion.norm_attn.weight[None, :]
+        self.z = self.u @ a.T
+        self.consts = torch.stack((
+            fusion.out_proj.bias,
+            a @ fusion.out_proj.bias,
+            a.sum(dim=1),
+            lin @ fusion.norm_attn.bias + fusion.linear_proj.bias,
+            fusion.norm_out.weight,
+            fusion.norm_out.bias,
+        ))  # [6, dim]
+        self.frame_mask = frame_mask
+
+    def attention(self, text: torch.Tensor, videos: slice) -> torch.Tensor:
+        """text ``[n_text, dim]`` -> attention weights ``[n_text, n_video_chunk, heads*n_frames]``."""
+        fusion = self.fusion
+        n_text = text.shape[0]
+        q = fusion.q_proj(fusion.norm_in(text)).view(n_text, fusion.num_heads, fusion.head_dim)
+        logits = torch.einsum("thc,vfhc->tvhf", q, self.keys[videos]) / fusion.head_dim**0.5
+        if self.frame_mask is not None:
+            logits = logits.masked_fill(~self.frame_mask[videos][None, :, None, :], float("-inf"))
+        return logits.softmax(dim=-1).flatten(2)
+
+
+def _chunks(n_text: int, n_video: int, chunk_pairs: int):
+    video_step = max(1, min(n_video, chunk_pairs))
+    text_step = max(1, chunk_pairs // video_step)
+    for v0 in range(0, n_video, video_step):
+        for t0 in range(0, n_text, text_step):
+            yield slice(t0, min(t0 + text_step, n_text)), slice(v0, min(v0 + video_step, n_video))
+
+
+def own_caption_index(text_to_video: np.ndarray, n_video: int) -> np.ndarray:
+    """For the audit protocol: each video's first caption among the queries ``[n_video]``."""
+    own = np.full(n_video, -1, dtype=np.int64)
+    for t in range(len(text_to_video) - 1, -1, -1):
+        own[text_to_video[t]] = t
+    if (own < 0).any():
+        raise ValueError(
+            f"the reference protocol needs a caption for every gallery video; {int((own < 0).sum())} have none"
+        )
+    return own
+
+
+@torch.inference_mode()
+def score_matrix(
+    head: Head,
+    text: torch.Tensor,
+    text_ids: list[str],
+    frames: torch.Tensor,
+    frame_mask: torch.Tensor | None,
+    video_ids: list[str],
+    config: EvalConfig,
+    text_to_video: np.ndarray | None = None,
+) -> np.ndarray:
+    """Scores of every query against every gallery video.
+
+    text ``[n_text, dim]``, frames ``[n_video, n_frames, dim]``, frame_mask
+    ``[n_video, n_frames]`` -> ``[n_text, n_video]`` float32 (rows in ``text_ids`` order,
+    columns in ``video_ids`` order). ``text_to_video`` ``[n_text]`` is only used by the
+    audit protocol, to find each video's own caption.
+    """
+    device = resolve_device(config.device)
+    head = head.to(device).eval()
+    text = text.to(device, torch.float32)
+    frames = frames.to(device, torch.float32)
+    frame_mask = frame_mask.to(device) if frame_mask is not None else None
+    n_text, n_video = len(text), len(frames)
+    if len(text_ids) != n_text or len(video_ids) != n_video:
+        raise ValueError("ids and embeddings disagree in length")
+
+    sampling = head.stochastic and config.trials > 0
+    text_keys = id_keys(text_ids)
+    video_keys = id_keys(video_ids) if config.noise == "fresh" else np.zeros(n_video, dtype=np.uint64)
+
+    own_pooled = None  # [n_video, dim]: each video pooled on its own caption (audit only)
+    if config.protocol == "reference":
+        if text_to_video is None:
+            raise ValueError("the reference protocol needs text_to_video")
+        own = torch.from_numpy(own_caption_index(np.asarray(text_to_video), n_video)).to(device)
+        own_pooled = torch.stack(
+            [head.pool(text[own[v : v + 1]], frames[v : v + 1], None if frame_mask is None else frame_mask[v : v + 1])[0, 0]
+             for v in range(n_video)]
+        )
+
+    # The CPU fast path folds X-Pool's video side once; on CUDA the head's own forward
+    # pass is fast enough and the sampling runs with materialised eps.
+    folded = None
+    if config.path == "fast" and device.type == "cpu" and isinstance(head.pooling, XPoolFusion):
+        folded = FoldedXPool(head.pooling, frames, frame_mask)
+
+    scores = np.empty((n_text, n_video), dtype=np.float32)
+    chunk_pairs = config.chunk_pairs
+    if sampling and folded is None:
+        chunk_pairs = max(1, chunk_pairs // config.trials)  # eps is materialised there
+    bar = tqdm(total=n_text * n_video, unit="pair", unit_scale=True, desc=f"score ({config.path})",
+               disable=not config.progress)
+    for ts, vs in _chunks(n_text, n_video, chunk_pairs):
+        t, f = text[ts], frames[vs]
+        m = frame_mask[vs] if frame_mask is not None else None
+        own = own_pooled[vs] if own_pooled is not None else None
+        radius = head.radius(frame_similarity(t, f, m)).exp() if sampling else None  # [n_tc, n_vc, dim or 1]
+        if folded is not None:
+            fusion = head.pooling
+            chunk = torch.from_numpy(pool_and_score(
+                t.numpy(), folded.attention(t, vs).numpy(), folded.u[vs].numpy(), folded.z[vs].numpy(),
+                folded.consts.numpy(), fusion.norm_attn.eps, fusion.norm_out.eps,
+                radius.expand(-1, -1, t.shape[1]).numpy() if sampling else None,
+                own.numpy() if own is not None else None,
+                text_keys[ts], video_keys[vs], config.seed, config.trials, head.cfg.prior, head.cfg.prior_std,
+            ))
+        else:
+            pooled = head.pool(t, f, m)  # [n_tc, n_vc, dim]
+            if not sampling:
+                chunk = _cos(t[:, None, :], own[None, :, :] if own is not None else pooled)
+            else:
+                eps = keyed_noise(text_keys[ts], video_keys[vs], config.seed, config.trials, t.shape[1],
+                                  head.cfg.prior, head.cfg.prior_std, device)
+                chunk = sample_scores_torch(t, radius, pooled, own, eps)
+        scores[ts, vs] = chunk.float().cpu().numpy()
+        bar.update((ts.stop - ts.start) * (vs.stop - vs.start))
+    bar.close()
+    return scores
+
+
+def score_split(head: Head, arrays: SplitArrays, config: EvalConfig) -> np.ndarray:
+    """Every caption of a split against every video of it: ``[n_text, n_video]``, rows and
+    columns in shard order."""
+    return score_matrix(
+        head,
+        torch.from_numpy(arrays.text_embeddings),
+        arrays.text_ids,
+        torch.from_numpy(arrays.frames),
+        torch.from_numpy(arrays.frame_mask),
+        arrays.video_ids,
+        config,
+        text_to_video=arrays.text_to_video,
+    )
+
+
+def metrics_report(scores: np.ndarray, text_to_video: np.ndarray, config: EvalConfig, directions: str = "both", dsl: bool = False) -> dict:
+    """Metrics plus the labels every output carries (protocol, trials, noise, seed).
+    With ``dsl`` the DSL-re-weighted metrics are added under ``"dsl"``, labelled
+    transductive, beside (never instead of) the plain ones."""
+    report = retrieval_metrics(scores, text_to_video, directions)
+    if dsl:
+        report["dsl"] = {
+            "note": "transductive: DSL re-weights each score by a softmax over all queries at once",
+            **retrieval_metrics(dual_softmax(scores), text_to_video, directions),
+        }
+    report.update(
+        protocol=config.protocol if config.protocol == "leak-free" else "reference (AUDIT: leaks ground truth)",
+        trials=config.trials,
+        noise=config.noise,
+        seed=config.seed,
+    )
+    return report
+
+
+def evaluate_head(head: Head, arrays: SplitArrays, config: EvalConfig | None = None, directions: str = "both", dsl: bool = False) -> dict:
+    """Retrieval metrics of ``head`` on a split (see :func:`metrics_report`)."""
+    config = config or EvalConfig()
+    return metrics_report(score_split(head, arrays, config), arrays.text_to_video, config, directions, dsl)
