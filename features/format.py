@@ -569,7 +569,8 @@ def _concat(blocks: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
 
 
 def _raise_on_bad_rows(path: Path, name: str, values: np.ndarray, ids: list[str], offset: int = 0) -> None:
-    finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    # reduce over every axis but the first: reshape(len, -1) is ambiguous for a 0-row shard
+    finite = np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
     if not finite.all():
         bad = np.flatnonzero(~finite)
         raise FeatureFormatError(

@@ -1,0 +1,114 @@
+"""Extraction throughput: the whole pipeline against the model alone, same frames, same run.
+
+    python -m tmass.extract.bench            # make bench-extract
+
+Renders a set of demo clips (default 320x240, 10 s at 25 fps: MSR-VTT-like sizes), then
+in one process, with one random-init encoder:
+
+* **model alone**: the sampled frames are decoded and preprocessed up front (untimed),
+  then only the encoder runs over them, batch by batch as extraction batches them, plus
+  the same captions through the text encoder; timed before and after the pipeline run
+  and averaged.
+* **pipeline**: :func:`tmass.extract.runner.extract_split` on the same clips: decoding
+  in loader workers, encoding, writing shards and manifest, wall clock.
+
+Both are reported as frames/s (real frames sampled / seconds); their ratio is the share
+of the model's speed that the whole extraction keeps (target >= 90 %).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+
+def _model_alone(encoder, data, config) -> tuple[float, float, int]:
+    """Seconds of (image encoder, text encoder) over the split's frames and captions,
+    and the number of frames."""
+    from torch.utils.data import DataLoader
+
+    from tmass.extract.runner import _collate, _VideoFrames
+
+    batches = list(DataLoader(_VideoFrames(tuple(data.videos), config, encoder.preprocess),
+                              batch_size=config.batch_size, collate_fn=_collate))
+    texts = [c.text for c in data.captions]
+    chunk = config.batch_size * config.num_frames
+    tick = time.perf_counter()
+    for batch in batches:
+        encoder.encode_images(batch.pixels)
+    images = time.perf_counter() - tick
+    tick = time.perf_counter()
+    for i in range(0, len(texts), chunk):
+        encoder.encode_texts(texts[i:i + chunk])
+    return images, time.perf_counter() - tick, sum(len(b.pixels) for b in batches)
+
+
+def benchmark(videos: int, model: str, device: str, batch_size: int, num_frames: int, width: int, height: int,
+              seconds: float, fps: int, workdir: Path) -> dict:
+    import torch
+
+    from tmass.extract.datasets import load_split
+    from tmass.extract.demo import DemoSpec, render_demo
+    from tmass.extract.encoder import get_encoder
+    from tmass.extract.runner import ExtractConfig, extract_split, run_sequential
+
+    spec = DemoSpec(n_train=0, n_test=videos, width=width, height=height, seconds=seconds, fps=fps)
+    render_demo(workdir / "clips", spec)
+    data = load_split("demo", workdir / "clips", "test")
+    config = ExtractConfig(model=model, pretrained="none", num_frames=num_frames, batch_size=batch_size,
+                           device=device, shard_size=videos)
+    encoder = get_encoder(model, "none", device)
+    encoder.encode_images(torch.zeros(batch_size, 3, encoder.image_size, encoder.image_size))  # warm-up
+
+    before = _model_alone(encoder, data, config)
+    report = extract_split(data, config, workdir / f"features-{time.time_ns()}", encoder, run_sequential, progress=False)
+    after = _model_alone(encoder, data, config)
+    frames = before[2]
+    model_s = (before[0] + before[1] + after[0] + after[1]) / 2
+    images_s = (before[0] + after[0]) / 2
+    pipeline_fps = report.stats["frames"] / report.wall_s
+    return {
+        "model": model, "device": encoder.device, "torch_threads": torch.get_num_threads(),
+        "videos": videos, "frames": frames, "captions": len(data.captions), "clip": f"{width}x{height}, {seconds:g} s at {fps} fps",
+        "batch_size": batch_size, "num_frames": num_frames,
+        "pipeline_frames_per_s": round(pipeline_fps, 2),
+        "model_alone_frames_per_s": round(frames / model_s, 2),
+        "image_encoder_alone_frames_per_s": round(frames / images_s, 2),
+        "ratio": round(pipeline_fps * model_s / frames, 3),
+        "pipeline_wall_s": round(report.wall_s, 2),
+        "pipeline_stats_s": {k: round(v, 2) for k, v in report.stats.items() if k.endswith("_s")},
+    }
+
+
+@click.command()
+@click.option("--videos", type=click.IntRange(1), default=48, show_default=True)
+@click.option("--model", default="ViT-B-32", show_default=True, help="random init: no weights needed")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--num-frames", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--width", default=320, show_default=True)
+@click.option("--height", default=240, show_default=True)
+@click.option("--seconds", default=10.0, show_default=True)
+@click.option("--fps", default=25, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where clips (kept, reused) and features go. [default: a temporary directory]")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the result here.")
+def main(videos, model, device, batch_size, num_frames, width, height, seconds, fps, workdir, json_path):
+    """Frames/s of the whole extraction against the model alone on the same frames."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = benchmark(videos, model, device, batch_size, num_frames, width, height, seconds, fps,
+                           workdir or Path(tmp))
+    click.echo(json.dumps(result, indent=2))
+    click.echo(f"pipeline {result['pipeline_frames_per_s']} frames/s vs model alone "
+               f"{result['model_alone_frames_per_s']} frames/s: {result['ratio']:.1%}")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""``tmass extract``: videos -> frozen CLIP frame and caption embeddings -> feature shards."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from tmass.extract.datasets import ADAPTERS, CHARADES_FIELDS, SPLITS
+from tmass.extract.video import SAMPLING_MODES
+
+EXIT_SKIPPED = 3  # finished, but some inputs were skipped (listed in the manifest's `failed`)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear the progress bars."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+@click.command()
+@click.option("--dataset", type=click.Choice(list(ADAPTERS)), default="demo", show_default=True,
+              help="Annotation format to read (see tmass.extract.datasets for each layout).")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Dataset directory. [default: data/<dataset>; the demo renders itself there]")
+@click.option("--split", type=click.Choice([*SPLITS, "all"]), default="all", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Features root: writes OUT/<dataset>/<model>__<weights>/<split>/.")
+@click.option("--model", default="ViT-B-32", show_default=True,
+              help="open_clip architecture (ViT-B-16 is the paper's second backbone) or a model-config JSON file.")
+@click.option("--pretrained", default="openai", show_default=True,
+              help="open_clip pretrained tag, local checkpoint path, 'none' (random init) or 'auto' (demo only).")
+@click.option("--num-frames", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--sampling", type=click.Choice(SAMPLING_MODES), default="uniform", show_default=True,
+              help="Segment middles (the papers' protocol) or a random frame per segment.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Videos per image-encoder batch (each contributes --num-frames images).")
+@click.option("--shard-size", type=click.IntRange(1), default=512, show_default=True,
+              help="Videos per partition (one shard pair each; the unit of resuming and of dask tasks).")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
+              help="Start a local dask cluster of N worker processes (0: run in this process). "
+                   "On a GPU machine give one per GPU: worker i uses GPU i mod n_gpus.")
+@click.option("--scheduler", default=None, help="Join an existing dask cluster at this address instead.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--loader-workers", type=click.IntRange(0), default=None,
+              help="Decode processes per runner. [default: cores - 1, at most 8]")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds random frame sampling and random-init weights.")
+@click.option("--caption-field", type=click.Choice(CHARADES_FIELDS), default=None,
+              help="charades only: the column used as caption. [default: script]")
+@click.option("-v", "--verbose", is_flag=True, help="Log per-batch timings to the console too.")
+def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampling, batch_size, shard_size,
+            workers, scheduler, device, loader_workers, seed, caption_field, verbose):
+    """Encode a dataset's videos and captions with a frozen open_clip model.
+
+    Re-running the same command resumes: complete partitions are kept, the rest is
+    extracted. Unreadable videos and unusable captions are skipped and listed in the
+    manifest's `failed`. Exit status: 0 all inputs encoded, 3 some were skipped, 1 error.
+    Each split directory also gets extract-config.json and extract.log (per-batch timings).
+    """
+    from tmass.extract.datasets import LayoutError, load_split
+    from tmass.extract.encoder import AUTO, WeightsUnavailable, get_encoder
+    from tmass.extract.runner import ConfigMismatch, ExtractConfig, dask_distributor, extract_split, jobs_config, run_sequential
+
+    log = logging.getLogger("tmass.extract")
+    log.setLevel(logging.DEBUG)
+    log.propagate = False  # open_clip's bare logging.warning() configures the root logger
+    if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        log.addHandler(handler)
+    for handler in log.handlers:
+        if isinstance(handler, _TqdmHandler):
+            handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+    if pretrained == AUTO and dataset != "demo":
+        raise click.UsageError("--pretrained auto is for the demo only: real datasets need an explicit choice of weights")
+    data_root = data_root or Path("data") / dataset
+    config = ExtractConfig(dataset=dataset, model=model, pretrained=pretrained, num_frames=num_frames,
+                           sampling=sampling, seed=seed, shard_size=shard_size, caption_field=caption_field,
+                           batch_size=batch_size, device=device, loader_workers=loader_workers)
+    distributed = bool(workers or scheduler)
+    try:
+        splits = [load_split(dataset, data_root, s, caption_field) for s in (SPLITS if split == "all" else [split])]
+        # the driver's copy only supplies metadata when dask workers do the encoding
+        encoder = get_encoder(model, pretrained, "cpu" if distributed else device, seed)
+    except (LayoutError, WeightsUnavailable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    reports = []
+    try:
+        if distributed:
+            with dask_distributor(workers, scheduler) as distributor:
+                for data in splits:
+                    reports.append(extract_split(data, jobs_config(config, workers), out, encoder, distributor))
+        else:
+            for data in splits:
+                reports.append(extract_split(data, config, out, encoder, run_sequential))
+    except ConfigMismatch as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    for report in reports:
+        click.echo(str(report.split_dir))
+    if any(report.failed for report in reports):
+        raise SystemExit(EXIT_SKIPPED)

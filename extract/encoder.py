@@ -1,0 +1,245 @@
+"""The frozen CLIP encoder: open_clip model loading (fail-fast on weights) and batched
+image/text encoding.
+
+``model`` is any open_clip architecture name (``ViT-B-32``, ``ViT-B-16``, ...) or the
+path of an open_clip model-config JSON file (its file stem becomes the model name; tests
+use this for a tiny architecture). ``pretrained`` is one of:
+
+* an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...): the weights must
+  be loadable *now*; when the download host cannot be reached the load fails within
+  seconds with a message saying how to run offline. It never falls back to random
+  weights: features from a random encoder would poison every later result.
+* a local checkpoint file (open_clip or OpenAI format); its SHA-256 is recorded.
+* ``none``: random initialisation (seeded, so every process builds identical weights),
+  for tests and offline plumbing runs; logged loudly and flagged ``random_init``.
+* ``auto``: the demo's choice only: ``openai`` if loadable, else random init, labelled
+  as such in every output.
+
+Embeddings are returned as CLIP computes them (not L2-normalised), in float32. On a GPU
+the forward passes run under float16 autocast; everything runs in ``inference_mode``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+log = logging.getLogger("tmass.extract")
+
+AUTO = "auto"
+NONE = "none"
+AUTO_TAG = "openai"  # what `auto` tries before falling back to random init
+PROBE_TIMEOUT_S = 3.0
+OFFLINE_HELP = (
+    "To run offline pass --pretrained none (random init: plumbing and tests only, the "
+    "features carry no pretrained knowledge) or --pretrained /path/to/checkpoint.pt (a "
+    "local open_clip or OpenAI checkpoint); weights already in the Hugging Face cache "
+    "load with HF_HUB_OFFLINE=1."
+)
+
+
+class WeightsUnavailable(Exception):
+    """Requested pretrained weights cannot be loaded; the message says how to go on."""
+
+
+@dataclass
+class Encoder:
+    """A loaded open_clip model with its own preprocessing and tokenizer.
+
+    ``weights`` is what was actually loaded: a tag, a checkpoint path or ``none``
+    (for ``auto`` it tells which way the choice went)."""
+
+    model: object
+    preprocess: object  # PIL image -> [3, image_size, image_size] float32, the model's own
+    tokenizer: object  # list[str] -> [n_text, context_length] int64
+    device: str
+    name: str
+    weights: str
+    random_init: bool
+    embed_dim: int
+    logit_scale: float
+    image_size: int
+    checkpoint_sha256: str | None = None
+    model_config: dict = field(default_factory=dict)
+    preprocess_cfg: dict = field(default_factory=dict)
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def encode_images(self, pixels) -> np.ndarray:
+        """``pixels [n, 3, image_size, image_size]`` (preprocessed) -> ``[n, embed_dim]``."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return out.float().cpu().numpy()
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """``texts [n]`` -> ``[n, embed_dim]``; captions beyond the context length are
+        truncated by the tokenizer (77 tokens for CLIP)."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            out = self.model.encode_text(self.tokenizer(texts).to(self.device))
+        return out.float().cpu().numpy()
+
+
+def precision_for(device: str) -> str:
+    return "amp-fp16" if device.startswith("cuda") else "fp32"
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def register_model(model: str) -> tuple[str, dict]:
+    """The open_clip name of ``model`` and its architecture config; a JSON config file is
+    registered with open_clip first (in every process that loads it)."""
+    import open_clip
+    from open_clip.factory import add_model_config, get_model_config
+
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise WeightsUnavailable(f"model config file {path} does not exist")
+        add_model_config(path)
+        model = path.stem
+    config = get_model_config(model)
+    if config is None:
+        raise WeightsUnavailable(
+            f"unknown open_clip model {model!r}; known: {', '.join(open_clip.list_models())}, "
+            "or pass the path of an open_clip model-config JSON file")
+    return model, config
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or "/" in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors", ".npz"}
+
+
+def _download_host_problem(cfg: dict) -> str | None:
+    """Why the host a Hugging Face tag downloads from cannot be reached, or None.
+
+    huggingface_hub retries an unreachable host for about a minute before it gives up;
+    a plain TCP connect answers in seconds. Skipped in offline mode (the hub library then
+    reads only its cache, instantly) and behind a proxy (a direct connect says nothing)."""
+    from huggingface_hub import constants
+
+    if not cfg.get("hf_hub") or constants.is_offline_mode():
+        return None
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"{endpoint.hostname}:{port} is unreachable ({exc})"
+    return None
+
+
+def fetch_pretrained(name: str, tag: str) -> str:
+    """Local path of the weights of an open_clip pretrained tag, downloading them if the
+    host is reachable; raises :class:`WeightsUnavailable` quickly otherwise."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise WeightsUnavailable(
+            f"{tag!r} is neither an open_clip pretrained tag for {name} (known: {', '.join(tags) or 'none'}) "
+            f"nor an existing checkpoint file. {OFFLINE_HELP}")
+    problem = _download_host_problem(cfg)
+    if problem is None:
+        try:
+            path = download_pretrained(cfg)
+        except Exception as exc:  # the hub client raises a zoo of types; all mean "not loadable"
+            problem = str(exc).splitlines()[0]
+        else:
+            if path:
+                return path
+            problem = "open_clip has no download source for it"
+    raise WeightsUnavailable(f"cannot load pretrained weights {tag!r} for {name}: {problem}. {OFFLINE_HELP}")
+
+
+def load_encoder(model: str, pretrained: str, device: str = "auto", seed: int = 0) -> Encoder:
+    """Build the encoder; see the module docstring for what ``pretrained`` accepts."""
+    import open_clip
+    import torch
+
+    from tmass.features.format import sha256_file
+
+    name, config = register_model(model)
+    device = resolve_device(device)
+    sha256 = None
+    if pretrained == NONE:
+        weights = NONE
+    elif pretrained == AUTO:
+        try:
+            fetch_pretrained(name, AUTO_TAG)
+            weights = AUTO_TAG
+        except WeightsUnavailable as exc:
+            log.warning("--pretrained auto: %s weights not loadable (%s); using a RANDOM-INIT encoder", AUTO_TAG, exc)
+            weights = NONE
+    elif Path(pretrained).is_file():
+        weights = pretrained
+        sha256 = sha256_file(Path(pretrained))
+    elif _looks_like_path(pretrained):
+        raise WeightsUnavailable(f"checkpoint file {pretrained} does not exist. {OFFLINE_HELP}")
+    else:
+        fetch_pretrained(name, pretrained)
+        weights = pretrained
+
+    # Seeded so that every process (dask workers, a resumed run) builds identical random
+    # weights; fork_rng keeps the caller's global RNG untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if weights == NONE else weights, device=device)
+    clip.eval()
+    if weights == NONE:
+        log.warning("RANDOM-INIT ENCODER %s (--pretrained %s): these features carry no pretrained knowledge", name, pretrained)
+    size = clip.visual.preprocess_cfg["size"]
+    return Encoder(
+        model=clip,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        device=device,
+        name=name,
+        weights=weights,
+        random_init=weights == NONE,
+        embed_dim=int(config["embed_dim"]),
+        logit_scale=float(clip.logit_scale.exp().item()),
+        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
+        checkpoint_sha256=sha256,
+        model_config=config,
+        preprocess_cfg=dict(clip.visual.preprocess_cfg),
+    )
+
+
+_CACHE: dict[tuple, Encoder] = {}
+
+
+def get_encoder(model: str, pretrained: str, device: str = "auto", seed: int = 0) -> Encoder:
+    """:func:`load_encoder`, memoised per process: a dask worker loads its model once and
+    reuses it for every partition it runs."""
+    key = (model, pretrained, resolve_device(device), seed)
+    if key not in _CACHE:
+        _CACHE[key] = load_encoder(model, pretrained, device, seed)
+    return _CACHE[key]

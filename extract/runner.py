@@ -1,0 +1,500 @@
+"""Partitions, the per-partition runner, the distributors and the split driver.
+
+Shape (after clip-retrieval's inference stage): a *reader* decodes and samples frames
+(:mod:`tmass.extract.video`, run in DataLoader worker processes so decoding overlaps the
+model), a *mapper* encodes them (:mod:`tmass.extract.encoder`), a *writer* stores one
+numbered shard pair per partition; :func:`run_partition` combines the three for one
+partition. A *distributor* only maps :func:`run_partition` over partitions:
+:func:`run_sequential` in this process, :func:`dask_distributor` on a dask cluster. Both
+run the very same function, so both give the same features.
+
+A partition is a contiguous block of ``shard_size`` videos of the split's sorted ids,
+with their captions; the same inputs always give the same partitions, so a re-run maps
+to the same shard numbers. Partition ``p`` writes, each file atomically, in this order::
+
+    failed-<p>.json   videos that could not be decoded: [{id, path, reason}, ...]
+    videos-<p>.h5     frames [n_ok, num_frames, dim], frame_mask, frame_index
+    texts-<p>.h5      embeddings [n_text, dim] of the captions of the decoded videos only
+
+A partition whose two shards exist is complete (its failed list exists too, being
+written first): a re-run skips it and rereads its records and failures. The manifest is
+written last, once every partition is complete, so a killed run leaves no manifest and
+no partial shard; ``extract-config.json`` pins the settings a resume must share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tmass.extract.datasets import Caption, SplitData, Video
+from tmass.extract.encoder import Encoder, get_encoder, precision_for, resolve_device
+from tmass.extract.video import DECODER, SHORT_CLIP_POLICY, VideoError, read_frames
+from tmass.features.format import (
+    FeatureMeta,
+    ShardRecord,
+    _commit,
+    _tmp_name,
+    model_tag,
+    read_shard_record,
+    shard_name,
+    write_manifest,
+    write_text_shard,
+    write_video_shard,
+)
+
+log = logging.getLogger("tmass.extract")
+
+CONFIG_FILE = "extract-config.json"
+LOG_FILE = "extract.log"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of one extraction run (defaults: the papers' protocol). The fields in
+    :data:`IDENTITY` shape the features; a resumed run must share them."""
+
+    dataset: str = "demo"
+    model: str = "ViT-B-32"
+    pretrained: str = "openai"
+    num_frames: int = 12
+    sampling: str = "uniform"
+    seed: int = 0
+    shard_size: int = 512
+    caption_field: str | None = None
+    batch_size: int = 16  # videos per image-encoder batch (x num_frames images)
+    device: str = "auto"
+    loader_workers: int | None = None  # decode processes per runner; None: cores - 1, at most 8
+    torch_threads: int | None = None  # None: torch's default
+
+
+IDENTITY = ("dataset", "model", "pretrained", "num_frames", "sampling", "seed", "shard_size", "caption_field")
+
+
+@dataclass(frozen=True)
+class PartitionJob:
+    """Everything a runner needs, picklable for dask. ``weights`` is what the driver's
+    encoder loaded (it resolves ``auto``), so every worker loads exactly that."""
+
+    config: ExtractConfig
+    weights: str
+    meta: FeatureMeta
+    split_dir: str
+    index: int
+    videos: tuple[Video, ...]
+    captions: tuple[Caption, ...]
+    progress: bool = True
+
+
+@dataclass
+class PartitionResult:
+    """``stats``: counts and seconds of a partition run now; empty for one found complete."""
+
+    index: int
+    records: list[ShardRecord]
+    failed: list[dict]
+    stats: dict = field(default_factory=dict)
+
+
+def failed_name(index: int) -> str:
+    return f"failed-{index:05d}.json"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ reader
+
+
+class _VideoFrames:
+    """Map-style dataset over a partition's videos: decode, sample and preprocess with
+    the model's own transform (PIL per frame, exactly what ``preprocess(image)`` does)."""
+
+    def __init__(self, videos: tuple[Video, ...], config: ExtractConfig, preprocess):
+        self.videos, self.config, self.preprocess = videos, config, preprocess
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int):
+        import torch
+        from PIL import Image
+
+        video = self.videos[i]
+        start = time.perf_counter()
+        try:
+            frames, index, mask = read_frames(video.path, self.config.num_frames, self.config.sampling, self.config.seed, video.id)
+        except VideoError as exc:
+            return {"id": video.id, "path": str(video.path), "reason": exc.reason}
+        pixels = torch.stack([self.preprocess(Image.fromarray(frame)) for frame in frames])
+        return video.id, pixels, index, mask, time.perf_counter() - start
+
+
+@dataclass
+class _Batch:
+    """Decoded videos of one loader batch. pixels ``[n_real_frames, 3, size, size]``
+    (real frames of every decoded video, in video then slot order), frame_index and
+    frame_mask ``[n_ok, num_frames]``."""
+
+    video_ids: list[str]
+    pixels: object
+    frame_index: np.ndarray
+    frame_mask: np.ndarray
+    failed: list[dict]
+    decode_s: float
+
+    def pin_memory(self):  # DataLoader(pin_memory=True) calls this on custom batch types
+        self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def _collate(items: list) -> _Batch:
+    """Runs in the loader worker, so the concatenation costs the model nothing."""
+    import torch
+
+    ok = [item for item in items if isinstance(item, tuple)]
+    failed = [item for item in items if isinstance(item, dict)]
+    if not ok:
+        return _Batch([], None, None, None, failed, 0.0)
+    return _Batch(
+        video_ids=[item[0] for item in ok],
+        pixels=torch.cat([item[1] for item in ok]),
+        frame_index=np.stack([item[2] for item in ok]),
+        frame_mask=np.stack([item[3] for item in ok]),
+        failed=failed,
+        decode_s=sum(item[4] for item in ok),
+    )
+
+
+def _loader_workers(config: ExtractConfig) -> int:
+    if multiprocessing.current_process().daemon:
+        # daemonic processes (a dask worker on a cluster we did not start) may not fork
+        if config.loader_workers:
+            log.warning("running in a daemonic process: decoding in the runner itself, without overlap")
+        return 0
+    if config.loader_workers is not None:
+        return config.loader_workers
+    cores = config.torch_threads or os.cpu_count() or 2
+    return max(1, min(8, cores - 1))
+
+
+def _device(config: ExtractConfig) -> str:
+    """This process's device: dask workers of a local cluster share the GPUs round-robin."""
+    device = resolve_device(config.device)
+    if device == "cuda":
+        import torch
+
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+        except (ImportError, ValueError):
+            return device
+        if isinstance(name, int):
+            return f"cuda:{name % torch.cuda.device_count()}"
+    return device
+
+
+# ------------------------------------------------------------------------------ runner
+
+
+def run_partition(job: PartitionJob) -> PartitionResult:
+    """Decode, encode and write one partition; the same function for every distributor."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    config, meta = job.config, job.meta
+    start = time.perf_counter()
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    encoder = get_encoder(config.model, job.weights, _device(config), config.seed)
+    if (encoder.embed_dim, encoder.image_size) != (meta.embed_dim, meta.image_size):
+        raise RuntimeError(f"worker encoder {encoder.name} does not match the split's metadata")
+    loader = DataLoader(
+        _VideoFrames(job.videos, config, encoder.preprocess), batch_size=config.batch_size,
+        num_workers=_loader_workers(config), collate_fn=_collate, pin_memory=encoder.device.startswith("cuda"),
+    )
+    stats: Counter = Counter()
+    ok_ids, frames, masks, indices, failed = [], [], [], [], []
+    bar = tqdm(total=len(job.videos), desc=f"{meta.split} partition {job.index}", unit="video",
+               disable=not job.progress, leave=False)
+    waited = time.perf_counter()
+    for number, batch in enumerate(loader):
+        wait = time.perf_counter() - waited
+        failed += batch.failed
+        encode = 0.0
+        if batch.video_ids:
+            tick = time.perf_counter()
+            embeddings = encoder.encode_images(batch.pixels)
+            encode = time.perf_counter() - tick
+            block = np.zeros((len(batch.video_ids), meta.num_frames, meta.embed_dim), np.float32)
+            block[batch.frame_mask] = embeddings  # padding slots stay zero (short-clip policy)
+            ok_ids += batch.video_ids
+            frames.append(block)
+            masks.append(batch.frame_mask)
+            indices.append(batch.frame_index)
+            stats.update(frames=len(embeddings))
+        stats.update(wait_s=wait, encode_s=encode, decode_s=batch.decode_s, batches=1)
+        log.debug("%s partition %05d batch %d: %d videos decoded, %d failed; waited on loader %.3fs, "
+                  "decode %.3fs (in workers), image model %.3fs", meta.split, job.index, number,
+                  len(batch.video_ids), len(batch.failed), wait, batch.decode_s, encode)
+        bar.update(len(batch.video_ids) + len(batch.failed))
+        waited = time.perf_counter()
+    bar.close()
+
+    decoded = set(ok_ids)
+    captions = [c for c in job.captions if c.video_id in decoded]  # a caption of a failed video would dangle
+    tick = time.perf_counter()
+    chunk = config.batch_size * config.num_frames
+    texts = [encoder.encode_texts([c.text for c in captions[i:i + chunk]]) for i in range(0, len(captions), chunk)]
+    stats.update(text_s=time.perf_counter() - tick)
+
+    tick = time.perf_counter()
+    split_dir = Path(job.split_dir)
+    write_json_atomic(split_dir / failed_name(job.index), failed)
+    shape = (0, meta.num_frames)
+    records = [
+        write_video_shard(
+            split_dir / shard_name("videos", job.index), meta, ok_ids,
+            np.concatenate(frames) if frames else np.zeros((*shape, meta.embed_dim)),
+            np.concatenate(masks) if masks else np.zeros(shape, bool),
+            np.concatenate(indices) if indices else np.zeros(shape, np.int32)),
+        write_text_shard(
+            split_dir / shard_name("texts", job.index), meta, [c.text_id for c in captions],
+            [c.video_id for c in captions], [c.text for c in captions],
+            np.concatenate(texts) if texts else np.zeros((0, meta.embed_dim))),
+    ]
+    stats.update(write_s=time.perf_counter() - tick, wall_s=time.perf_counter() - start,
+                 videos=len(ok_ids), failed=len(failed), texts=len(captions))
+    log.debug("%s partition %05d written: %d videos, %d captions, %d failed; write %.3fs",
+              meta.split, job.index, len(ok_ids), len(captions), len(failed), stats["write_s"])
+    return PartitionResult(job.index, records, failed, dict(stats))
+
+
+# ------------------------------------------------------------------------ distributors
+
+Distributor = Callable[[list[PartitionJob]], Iterator[PartitionResult]]
+
+
+def run_sequential(jobs: list[PartitionJob]) -> Iterator[PartitionResult]:
+    for job in jobs:
+        yield run_partition(job)
+
+
+@contextmanager
+def dask_distributor(workers: int = 0, scheduler: str | None = None) -> Iterator[Distributor]:
+    """A distributor on dask: joins ``scheduler`` if given, else starts a LocalCluster of
+    ``workers`` processes (one thread each) for the duration of the block."""
+    import dask
+    import distributed
+
+    # dask worker processes are daemons by default, and a daemon may not start the
+    # loader's decode processes
+    with dask.config.set({"distributed.worker.daemon": False}):
+        if scheduler:
+            cluster, client = None, distributed.Client(scheduler)
+        else:
+            cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=None, silence_logs=logging.WARNING)
+            client = distributed.Client(cluster)
+        log.info("dask: %s", client)
+
+        def run(jobs: list[PartitionJob]) -> Iterator[PartitionResult]:
+            futures = client.map(run_partition, jobs, pure=False)
+            for future in distributed.as_completed(futures):
+                yield future.result()
+
+        try:
+            yield run
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def plan_partitions(data: SplitData, shard_size: int) -> list[tuple[tuple[Video, ...], tuple[Caption, ...]]]:
+    """Contiguous blocks of ``shard_size`` videos (already sorted by id) with their captions."""
+    by_video: dict[str, list[Caption]] = {}
+    for caption in data.captions:
+        by_video.setdefault(caption.video_id, []).append(caption)
+    blocks = []
+    for first in range(0, len(data.videos), shard_size):
+        videos = tuple(data.videos[first:first + shard_size])
+        blocks.append((videos, tuple(c for v in videos for c in by_video.get(v.id, []))))
+    return blocks
+
+
+def split_dir_for(out_root: Path, data: SplitData, encoder: Encoder, config: ExtractConfig) -> Path:
+    return Path(out_root) / data.dataset / model_tag(encoder.name, config.pretrained) / data.split
+
+
+def build_meta(data: SplitData, encoder: Encoder, config: ExtractConfig) -> FeatureMeta:
+    import decord
+    import open_clip
+    import torch
+
+    return FeatureMeta(
+        dataset=data.dataset,
+        split=data.split,
+        model=encoder.name,
+        pretrained=config.pretrained,
+        embed_dim=encoder.embed_dim,
+        num_frames=config.num_frames,
+        frame_sampling=config.sampling,
+        logit_scale=encoder.logit_scale,
+        image_size=encoder.image_size,
+        checkpoint_sha256=encoder.checkpoint_sha256,
+        random_init=encoder.random_init,
+        source="open_clip",
+        extra={
+            "weights": encoder.weights,
+            "short_clip_policy": SHORT_CLIP_POLICY,
+            "decoder": f"{DECODER} {decord.__version__}",
+            "preprocess": encoder.preprocess_cfg,
+            "precision": precision_for(resolve_device(config.device)),
+            "text_context_length": encoder.model_config["text_cfg"].get("context_length", 77),
+            "seed": config.seed,
+            "software": {"open_clip": open_clip.__version__, "torch": torch.__version__},
+            **data.notes,
+        },
+    )
+
+
+class ConfigMismatch(Exception):
+    """The output directory holds features made with other settings."""
+
+
+def _claim(split_dir: Path, config: ExtractConfig, weights: str) -> None:
+    """Pin the settings of this split directory, refusing to mix runs with different ones."""
+    path = split_dir / CONFIG_FILE
+    current = {"config": dataclasses.asdict(config), "weights": weights}
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        keys = [*IDENTITY, "weights"]
+        old = {**previous["config"], "weights": previous.get("weights")}
+        new = {**current["config"], "weights": weights}
+        differ = [f"{k}: {old.get(k)!r} then, {new[k]!r} now" for k in keys if old.get(k) != new[k]]
+        if differ:
+            raise ConfigMismatch(f"{split_dir} holds features extracted with other settings ({'; '.join(differ)}); "
+                                 "use another --out or delete that directory")
+    split_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, current)
+
+
+def _completed(split_dir: Path, index: int) -> PartitionResult | None:
+    names = [shard_name("videos", index), shard_name("texts", index)]
+    if not all((split_dir / n).is_file() for n in names) or not (split_dir / failed_name(index)).is_file():
+        return None
+    failed = json.loads((split_dir / failed_name(index)).read_text())
+    return PartitionResult(index, [read_shard_record(split_dir / n) for n in names], failed)
+
+
+@contextmanager
+def _log_to(path: Path):
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+@dataclass
+class SplitReport:
+    split_dir: Path
+    videos: int
+    texts: int
+    failed: list[dict]
+    resumed: int  # partitions found complete
+    stats: dict  # summed over the partitions run now
+    wall_s: float
+
+    def lines(self) -> list[str]:
+        s = self.stats
+        reasons = Counter(f["reason"].split(":")[0] for f in self.failed)
+        out = [f"{self.split_dir}: {self.videos} videos, {self.texts} captions; "
+               f"{len(self.failed)} inputs skipped" + (f" ({', '.join(f'{r}: {n}' for r, n in reasons.most_common())})" if reasons else "")
+               + (f"; {self.resumed} partitions were already complete" if self.resumed else "")]
+        if s.get("frames"):
+            busy = s["encode_s"] + s["text_s"]
+            out.append(
+                f"  {int(s['frames'])} frames in {self.wall_s:.1f} s = {s['frames'] / self.wall_s:.1f} frames/s; "
+                f"image model {s['encode_s']:.1f} s, text model {s['text_s']:.1f} s, writing {s['write_s']:.1f} s, "
+                f"waiting on the decoder {s['wait_s']:.1f} s ({s['wait_s'] / max(busy + s['wait_s'], 1e-9):.0%} of model+wait); "
+                f"decode+preprocess {s['decode_s']:.1f} s in the loader workers (overlapped)")
+        return out
+
+
+def extract_split(data: SplitData, config: ExtractConfig, out_root: Path, encoder: Encoder,
+                  distributor: Distributor = run_sequential, progress: bool = True) -> SplitReport:
+    """Extract one split into ``out_root/<dataset>/<model-tag>/<split>/``: run the
+    partitions that are not complete yet, then write the manifest."""
+    start = time.perf_counter()
+    split_dir = split_dir_for(out_root, data, encoder, config)
+    _claim(split_dir, config, encoder.weights)
+    for stale in split_dir.glob(".*.tmp-*"):  # left by a killed run; never a final name
+        stale.unlink()
+    meta = build_meta(data, encoder, config)
+    done, jobs = [], []
+    for index, (videos, captions) in enumerate(plan_partitions(data, config.shard_size)):
+        complete = _completed(split_dir, index)
+        if complete:
+            done.append(complete)
+        else:
+            jobs.append(PartitionJob(config, encoder.weights, meta, str(split_dir), index, videos, captions,
+                                     progress and distributor is run_sequential))
+    with _log_to(split_dir / LOG_FILE):
+        if encoder.random_init:
+            log.warning("%s: RANDOM-INIT ENCODER (--pretrained %s): features carry no pretrained knowledge",
+                        split_dir, config.pretrained)
+        log.info("%s: %d videos, %d captions in %d partitions (%d already complete)", split_dir,
+                 len(data.videos), len(data.captions), len(done) + len(jobs), len(done))
+        ran = list(tqdm(distributor(jobs), total=len(jobs), desc=f"extract {data.dataset}/{data.split}",
+                        unit="partition", disable=not progress or not jobs))
+        results = sorted(done + ran, key=lambda r: r.index)
+        failed = data.failed + [f for r in results for f in r.failed]
+        records = [rec for r in results for rec in r.records]
+        write_manifest(split_dir, meta, records, failed=failed)
+        stats: Counter = Counter()
+        for r in ran:
+            stats.update(r.stats)
+        report = SplitReport(
+            split_dir, sum(rec.rows for rec in records if rec.kind == "videos"),
+            sum(rec.rows for rec in records if rec.kind == "texts"), failed, len(done), dict(stats),
+            time.perf_counter() - start)
+        for line in report.lines():
+            log.info(line)
+    return report
+
+
+def jobs_config(config: ExtractConfig, workers: int) -> ExtractConfig:
+    """Share this machine's cores among ``workers`` local dask workers, so that their
+    torch threads and decode processes do not oversubscribe it."""
+    if workers <= 0 or resolve_device(config.device) != "cpu" or config.torch_threads:
+        return config
+    return dataclasses.replace(config, torch_threads=max(1, (os.cpu_count() or 2) // workers))
+

@@ -1,0 +1,332 @@
+"""The extract stage end to end on rendered clips with a tiny random-init open_clip model:
+frame sampling, equality with open_clip's own preprocessing, manifest contents, bad inputs,
+resume after kill -9, the dask path, offline behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tmass.cli import main
+from tmass.extract.demo import DemoSpec, demo_clip, render_demo, write_clip
+from tmass.extract.video import read_frames, sample_indices, video_rng
+from tmass.features.format import check_split, load_split
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+SMALL_DEMO = DemoSpec(n_train=4, n_test=5, width=64, height=48, seconds=2.0, fps=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Path of an open_clip config for a 2-layer ViT/text tower of width 64 (model name
+    ``tiny-clip``): the real code path at a fraction of ViT-B-32's cost."""
+    path = tmp_path_factory.mktemp("models") / "tiny-clip.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    return render_demo(tmp_path_factory.mktemp("demo"), SMALL_DEMO, progress=False)
+
+
+def extract(*args, expect=0):
+    result = CliRunner().invoke(main, ["extract", *map(str, args)])
+    assert result.exit_code == expect, result.output + repr(result.exception)
+    return result
+
+
+def _shards(split_dir: Path, kind: str) -> dict:
+    """Every dataset of every shard of one kind, concatenated in shard order."""
+    out: dict = {}
+    for path in sorted(split_dir.glob(f"{kind}-*.h5")):
+        with h5py.File(path, "r") as h5:
+            for name in h5:
+                out.setdefault(name, []).append(h5[name][:])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_uniform_sampling_takes_segment_middles():
+    index, mask = sample_indices(24, 12)
+    assert index.tolist() == list(range(0, 24, 2)) and mask.all()
+    assert sample_indices(12, 12)[0].tolist() == list(range(12))
+    assert sample_indices(100, 4)[0].tolist() == [12, 37, 62, 87]
+
+
+def test_random_sampling_stays_in_its_segment_and_is_reproducible():
+    index, _ = sample_indices(100, 4, "random", video_rng(0, "v1"))
+    assert all(25 * i <= j < 25 * (i + 1) for i, j in enumerate(index))
+    assert np.array_equal(index, sample_indices(100, 4, "random", video_rng(0, "v1"))[0])
+    draws = {tuple(sample_indices(100, 4, "random", video_rng(0, f"v{i}"))[0]) for i in range(20)}
+    assert len(draws) > 1
+
+
+def test_short_clip_keeps_each_frame_once_and_masks_the_rest():
+    index, mask = sample_indices(5, 8)
+    assert index.tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
+    assert mask.tolist() == [True] * 5 + [False] * 3
+
+
+def test_decoder_returns_the_sampled_frames(tmp_path):
+    """Frame i of the clip is painted grey level 10 * i: decoding must hand back exactly
+    the frames that sampling chose (decord seeks; a wrong seek would show here)."""
+    frames = np.repeat(np.arange(24, dtype=np.uint8)[:, None, None, None] * 10, 48 * 64 * 3).reshape(24, 48, 64, 3)
+    write_clip(tmp_path / "ramp.mp4", frames)
+    decoded, index, mask = read_frames(tmp_path / "ramp.mp4", 6)
+    assert index.tolist() == [1, 5, 9, 13, 17, 21] and mask.all()
+    assert np.allclose(decoded.mean(axis=(1, 2, 3)), 10 * index, atol=2)
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture(scope="module")
+def demo_features(tiny_model, demo_root, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("features")
+    result = extract("--dataset", "demo", "--data-root", demo_root, "--out", out, "--model", tiny_model,
+                     "--pretrained", "none", "--shard-size", 2, "--batch-size", 2)
+    return out / "demo" / "tiny-clip__none", result.output
+
+
+def test_extraction_writes_a_valid_split_per_split(demo_features):
+    features, output = demo_features
+    for split, n_videos in (("train", 4), ("test", 5)):
+        split_dir = features / split
+        assert str(split_dir) in output  # the command prints each directory it wrote
+        assert check_split(split_dir) == []
+        arrays = load_split(split_dir)
+        assert arrays.frames.shape == (n_videos, 12, 32) and arrays.frame_mask.all()
+        assert arrays.video_ids == sorted(arrays.video_ids)
+        per_video = np.bincount(arrays.text_to_video, minlength=n_videos)
+        assert per_video.min() >= SMALL_DEMO.min_captions and per_video.max() <= SMALL_DEMO.max_captions
+        assert sorted(p.name for p in split_dir.glob("videos-*.h5")) == [f"videos-{i:05d}.h5" for i in range(-(-n_videos // 2))]
+        assert (split_dir / "extract-config.json").is_file() and "image model" in (split_dir / "extract.log").read_text()
+
+
+def test_manifest_records_model_weights_and_protocol(demo_features, tiny_model):
+    features, _ = demo_features
+    manifest = json.loads((features / "test" / "manifest.json").read_text())
+    meta = manifest["meta"]
+    assert (meta["dataset"], meta["split"], meta["model"], meta["pretrained"]) == ("demo", "test", "tiny-clip", "none")
+    assert meta["random_init"] is True and meta["source"] == "open_clip" and meta["checkpoint_sha256"] is None
+    assert (meta["embed_dim"], meta["num_frames"], meta["frame_sampling"], meta["image_size"]) == (32, 12, "uniform", 32)
+    assert meta["logit_scale"] == pytest.approx(1 / 0.07)  # exp of open_clip's initial log(1/0.07)
+    assert meta["extra"]["short_clip_policy"] == "mask" and meta["extra"]["decoder"].startswith("decord")
+    assert meta["extra"]["weights"] == "none" and meta["extra"]["precision"] == "fp32"
+    assert manifest["failed"] == [] and manifest["counts"]["videos"] == 5
+    with h5py.File(features / "test" / "videos-00000.h5", "r") as h5:
+        assert h5.attrs["random_init"] and h5.attrs["model"] == "tiny-clip"  # every shard says it too
+
+
+def test_embeddings_equal_open_clip_on_its_own_preprocessing(demo_features, demo_root):
+    """Our stored frame embedding is open_clip's ``encode_image(preprocess(PIL frame))``
+    for the same frame, and the caption embedding its ``encode_text(tokenizer(caption))``,
+    with the model built straight from open_clip (same seed, so the same random weights)."""
+    import decord
+    import open_clip
+    import torch
+    from PIL import Image
+
+    arrays = load_split(demo_features[0] / "test")
+    videos = _shards(demo_features[0] / "test", "videos")
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-clip", pretrained=None)
+    model.eval()
+    row = 3
+    reader = decord.VideoReader(str(demo_root / "videos" / f"{arrays.video_ids[row]}.mp4"))
+    slots = [0, 5, 11]
+    frames = [Image.fromarray(reader[int(videos["frame_index"][row, s])].asnumpy()) for s in slots]
+    text_row = int(np.flatnonzero(arrays.text_to_video == row)[0])
+    with torch.no_grad():
+        image = model.encode_image(torch.stack([preprocess(f) for f in frames])).numpy()
+        text = model.encode_text(open_clip.get_tokenizer("tiny-clip")([arrays.captions[text_row]])).numpy()
+    np.testing.assert_allclose(arrays.frames[row, slots].astype(np.float32), image, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(arrays.text_embeddings[text_row].astype(np.float32), text[0], rtol=2e-3, atol=2e-3)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def messy_msrvtt(tmp_path_factory) -> Path:
+    """An MSR-VTT 1k-A style test split with every kind of bad input next to good ones."""
+    root = tmp_path_factory.mktemp("msrvtt")
+    videos = root / "videos" / "all"
+    good, _ = demo_clip(SMALL_DEMO, 0)
+    write_clip(videos / "video1.mp4", good)
+    write_clip(videos / "video2.mp4", good[::-1])
+    write_clip(videos / "video3.mp4", good[:5])  # shorter than --num-frames 8
+    (videos / "video4.mp4").write_bytes(b"")
+    (videos / "video5.mp4").write_bytes((videos / "video1.mp4").read_bytes()[:1500])  # truncated
+    (videos / "video6.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    write_clip(videos / "video8.mp4", np.zeros((10, 64, 64, 3), np.uint8), codec="libsvtav1")  # decord has no AV1
+    rows = [("video1", "a good clip"), ("video1", "its second caption"), ("video1", "   "),
+            ("video2", "another good clip"), ("video2", b"broken \xff\xfe bytes"), ("video3", "a short clip"),
+            ("video4", "empty file"), ("video5", "truncated"), ("video6", "noise"), ("video7", "no file at all"),
+            ("video8", "av1 codec")]
+    lines = [b"key,vid_key,video_id,sentence"] + [
+        f"ret{i},msr{v[5:]},{v},".encode() + (s if isinstance(s, bytes) else s.encode()) for i, (v, s) in enumerate(rows)]
+    (root / "MSRVTT_JSFUSION_test.csv").write_bytes(b"\n".join(lines) + b"\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def messy_run(messy_msrvtt, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("messy")
+    result = extract("--dataset", "msrvtt", "--data-root", messy_msrvtt, "--split", "test", "--out", out,
+                     "--model", tiny_model, "--pretrained", "none", "--num-frames", 8, "--shard-size", 3, expect=3)
+    return out / "msrvtt" / "tiny-clip__none" / "test", result.output
+
+
+def test_every_bad_input_is_skipped_recorded_and_reported(messy_run):
+    split_dir, output = messy_run
+    failed = {f["id"]: f for f in json.loads((split_dir / "manifest.json").read_text())["failed"]}
+    reasons = {k: v["reason"] for k, v in failed.items()}
+    assert reasons.pop("video4") == "zero-length file"
+    assert reasons.pop("video7") == "missing file"
+    assert reasons.pop("video8") == "no decodable video stream (unsupported codec?)"
+    assert reasons.pop("video5").startswith("undecodable") and reasons.pop("video6").startswith("undecodable")
+    assert reasons.pop("video1#2") == "empty caption"
+    assert reasons.pop("video2#1") == "caption is not valid UTF-8"
+    assert reasons == {}
+    assert failed["video7"]["path"].endswith("videos/all/video7.mp4") and failed["video1#2"]["path"].endswith(".csv")
+    assert "7 inputs skipped" in output and "zero-length file: 1" in output  # the end summary
+
+
+def test_good_videos_survive_bad_neighbours_and_failed_videos_lose_their_captions(messy_run):
+    split_dir, _ = messy_run
+    assert check_split(split_dir) == []
+    arrays = load_split(split_dir)
+    assert arrays.video_ids == ["video1", "video2", "video3"]
+    assert arrays.text_ids == ["video1#0", "video1#1", "video2#0", "video3#0"]
+    assert arrays.frame_mask.sum(axis=1).tolist() == [8, 8, 5]  # the short clip is masked, not repeated
+    padding = _shards(split_dir, "videos")["frame_index"][2]
+    assert padding.tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
+    assert not arrays.frames[2, 5:].any() and np.isfinite(arrays.frames).all()
+
+
+def test_a_partition_whose_videos_all_failed_still_completes(messy_run):
+    """Partition 1 (video4, video5, video6) decoded nothing: it writes empty shards, so a
+    resume knows it is done and the reader accepts the split."""
+    split_dir, _ = messy_run
+    with h5py.File(split_dir / "videos-00001.h5", "r") as h5:
+        assert h5["frames"].shape == (0, 8, 32)
+    assert len(json.loads((split_dir / "failed-00001.json").read_text())) == 3
+
+
+# ------------------------------------------------------------------- resume and dask
+
+
+def _features(split_dir: Path) -> tuple:
+    arrays = load_split(split_dir)
+    return arrays.video_ids, arrays.text_ids, arrays.frames, arrays.frame_mask, arrays.text_embeddings
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(tiny_model, demo_root, tmp_path):
+    common = ["--dataset", "demo", "--data-root", demo_root, "--model", tiny_model, "--pretrained", "none",
+              "--split", "train", "--shard-size", 1, "--batch-size", 1, "--loader-workers", 0]
+    killed = tmp_path / "killed"
+    split_dir = killed / "demo" / "tiny-clip__none" / "train"
+    proc = subprocess.Popen([sys.executable, "-c", "from tmass.cli import main; main()", "extract", *map(str, common),
+                             "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (split_dir / "texts-00000.h5").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (split_dir / "manifest.json").exists(), "the run finished before it could be killed"
+    assert len(list(split_dir.glob("texts-*.h5"))) < SMALL_DEMO.n_train
+
+    extract(*common, "--out", killed)
+    extract(*common, "--out", tmp_path / "whole")
+    resumed, whole = _features(split_dir), _features(tmp_path / "whole" / "demo" / "tiny-clip__none" / "train")
+    for a, b in zip(resumed, whole):
+        assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+    assert not list(split_dir.glob(".*tmp*")), "temporary files of the killed run are cleaned up"
+
+
+def test_resume_keeps_failures_of_completed_partitions(messy_run, messy_msrvtt, tiny_model):
+    split_dir, _ = messy_run
+    before = json.loads((split_dir / "manifest.json").read_text())["failed"]
+    (split_dir / "videos-00002.h5").unlink()  # partition 2 incomplete: rerun it alone
+    out = split_dir.parents[2]
+    extract("--dataset", "msrvtt", "--data-root", messy_msrvtt, "--split", "test", "--out", out, "--model", tiny_model,
+            "--pretrained", "none", "--num-frames", 8, "--shard-size", 3, expect=3)
+    assert sorted(map(str, json.loads((split_dir / "manifest.json").read_text())["failed"])) == sorted(map(str, before))
+
+
+def test_dask_local_cluster_gives_the_single_process_features(tiny_model, demo_root, demo_features, tmp_path):
+    extract("--dataset", "demo", "--data-root", demo_root, "--out", tmp_path, "--model", tiny_model, "--pretrained",
+            "none", "--shard-size", 2, "--batch-size", 2, "--split", "test", "--workers", 2)
+    on_dask = _features(tmp_path / "demo" / "tiny-clip__none" / "test")
+    single = _features(demo_features[0] / "test")
+    assert on_dask[:2] == single[:2] and np.array_equal(on_dask[3], single[3])
+    for a, b in ((on_dask[2], single[2]), (on_dask[4], single[4])):  # float16; thread counts differ (1 vs 2)
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_a_rerun_with_other_settings_is_refused(tiny_model, demo_root, demo_features):
+    result = extract("--dataset", "demo", "--data-root", demo_root, "--out", demo_features[0].parents[1], "--model",
+                     tiny_model, "--pretrained", "none", "--shard-size", 2, "--num-frames", 4, expect=1)
+    assert "num_frames: 12 then, 4 now" in result.output
+
+
+# ----------------------------------------------------------------------------- offline
+
+
+def test_pretrained_weights_fail_fast_offline_with_a_way_out(demo_root, tmp_path):
+    """HF_HUB_OFFLINE=1 (conftest) and no cached weights: `--pretrained openai`, the
+    default, stops at once and says how to run offline; nothing is written."""
+    start = time.monotonic()
+    result = extract("--dataset", "demo", "--data-root", demo_root, "--out", tmp_path, expect=1)
+    assert time.monotonic() - start < 20
+    assert "--pretrained none" in result.output and "openai" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_unreachable_hub_is_detected_in_seconds(monkeypatch):
+    """Online mode but the hub host refuses connections (a closed local port stands in
+    for a machine without internet): no minute of retries, a clear message instead."""
+    from huggingface_hub import constants
+
+    from tmass.extract.encoder import WeightsUnavailable, fetch_pretrained
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailable, match="unreachable.*--pretrained none"):
+        fetch_pretrained("ViT-B-32", "openai")
+    assert time.monotonic() - start < 5
+
+
+def test_auto_is_for_the_demo_only_and_labels_random_weights(tiny_model, demo_root, tmp_path):
+    result = extract("--dataset", "msrvtt", "--out", tmp_path, "--pretrained", "auto", expect=2)
+    assert "demo only" in result.output
+    extract("--dataset", "demo", "--data-root", demo_root, "--out", tmp_path, "--model", tiny_model,
+            "--pretrained", "auto", "--split", "test")
+    meta = json.loads((tmp_path / "demo" / "tiny-clip__auto" / "test" / "manifest.json").read_text())["meta"]
+    assert meta["pretrained"] == "auto" and meta["random_init"] is True and meta["extra"]["weights"] == "none"
+
+
+def test_tmass_help_stays_light():
+    code = "import sys; from tmass.cli import main; print(any(m in sys.modules for m in ('torch', 'open_clip', 'decord')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
