@@ -4,7 +4,7 @@ PYTHON    ?= python3
 PIP       ?= $(PYTHON) -m pip
 STAMP     := .make/installed
 
-.PHONY: install test demo clean-demo bench-train
+.PHONY: install test demo clean-demo bench-train extract bench-extract
 .DEFAULT_GOAL := demo
 
 # Install the package (editable) with its test extras, pinned to the versions CI uses.
@@ -33,3 +33,21 @@ BENCH_STEPS    ?= 500
 bench-train: $(STAMP)
 	@test -f $(BENCH_FEATURES)/test/manifest.json || tmass features simulate --preset msrvtt --out $(BENCH_FEATURES)
 	$(PYTHON) -m tmass.train.bench --features $(BENCH_FEATURES) --head tmass --batch-size 32 --steps $(BENCH_STEPS)
+
+# Videos -> frozen CLIP features under FEATURES/<dataset>/<model>__<weights>/<split>/.
+# Exits 3 when some inputs were skipped (listed in each manifest's `failed`).
+DATASET      ?= demo
+DATA_ROOT    ?= data/$(DATASET)
+FEATURES     ?= features-data
+MODEL        ?= ViT-B-32
+# Only the demo may fall back to random weights (labelled in every output); real data
+# needs real weights: PRETRAINED=none or a checkpoint path to run offline.
+PRETRAINED   ?= $(if $(filter demo,$(DATASET)),auto,openai)
+EXTRACT_ARGS ?=
+extract: $(STAMP)
+	tmass extract --dataset $(DATASET) --data-root $(DATA_ROOT) --out $(FEATURES) --model $(MODEL) --pretrained $(PRETRAINED) $(EXTRACT_ARGS)
+
+# Frames/s of the whole extraction against the model alone on the same frames
+# (random-init MODEL on CPU, MSR-VTT-sized rendered clips).
+bench-extract: $(STAMP)
+	$(PYTHON) -m tmass.extract.bench --model $(MODEL)
