@@ -1,0 +1,256 @@
+"""The evaluator: leak-free by construction, fast path equal to the naive reference,
+keyed noise, and metrics on hand-made score matrices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tmass.evaluate.metrics import dual_softmax, retrieval_metrics, t2v_ranks, v2t_ranks
+from tmass.evaluate.sampling import id_keys, keyed_noise, keyed_noise_numba, philox_torch
+from tmass.evaluate.scores import EvalConfig, score_matrix
+from tmass.train.heads import Head, HeadConfig
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _perturbed_head(seed=0, dim=30, frames=6, **kw) -> Head:
+    """A head whose weights are far from the identity init, so that the fast path's
+    algebra is exercised on every parameter (identity init would hide mistakes)."""
+    torch.manual_seed(seed)
+    head = Head(HeadConfig(embed_dim=dim, num_frames=frames, **kw))
+    with torch.no_grad():
+        for name, param in head.named_parameters():
+            if name != "log_logit_scale":
+                param.add_(0.2 * torch.randn_like(param))
+    return head.eval()
+
+
+def _data(n_text, n_video, dim=30, frames=6, seed=1, short_clip=True):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(n_text, dim, generator=g) * 3
+    video = torch.randn(n_video, frames, dim, generator=g) * 3
+    mask = torch.ones(n_video, frames, dtype=torch.bool)
+    if short_clip:
+        mask[min(2, n_video - 1), -2:] = False  # a clip two frames short
+    text_ids = [f"caption-{i}" for i in range(n_text)]
+    video_ids = [f"video-{i}" for i in range(n_video)]
+    return text, text_ids, video, mask, video_ids
+
+
+def _scores(head, data, **cfg):
+    text, text_ids, video, mask, video_ids = data
+    t2v = np.arange(len(text)) % len(video)
+    return score_matrix(head, text, text_ids, video, mask, video_ids, EvalConfig(progress=False, **cfg), t2v)
+
+
+HEADS = [
+    dict(head="meanp"),
+    dict(head="xpool", num_heads=2),
+    dict(head="tmass", radius="linear", num_heads=3),
+    dict(head="tmass", radius="scalar"),
+    dict(head="tmass", radius="sim", prior="normal", prior_std=0.3),
+]
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def test_philox_matches_published_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10."""
+    cases = [
+        ((0, 0, 0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 6, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for inputs, expected in cases:
+        out = philox_torch(*(torch.tensor([x], dtype=torch.int64) for x in inputs))
+        assert tuple(int(o) for o in out) == expected
+
+
+@pytest.mark.parametrize("prior", ["uniform", "normal"])
+def test_torch_and_numba_noise_agree(prior):
+    tk, vk = id_keys([f"t{i}" for i in range(4)]), id_keys([f"v{i}" for i in range(5)])
+    a = keyed_noise(tk, vk, 7, 3, 30, prior, 0.5).numpy()
+    b = keyed_noise_numba(tk, vk, 7, 3, 30, prior == "normal", 0.5)
+    if prior == "uniform":
+        assert np.array_equal(a, b)  # same bits
+        assert 0.0 <= a.min() and a.max() < 1.0
+    else:
+        np.testing.assert_allclose(a, b, atol=1e-6)  # transcendental rounding only
+
+
+def test_noise_is_a_function_of_the_pair_alone():
+    """eps(t, v) does not change when other texts/videos join or the order changes."""
+    tk, vk = id_keys(["a", "b", "c"]), id_keys(["x", "y", "z", "w"])
+    full = keyed_noise(tk, vk, 0, 4, 16)
+    sub = keyed_noise(tk[[2, 0]], vk[[3, 1]], 0, 4, 16)
+    assert torch.equal(sub, full[[2, 0]][:, [3, 1]])
+    assert not torch.equal(keyed_noise(tk, vk, 1, 4, 16), full)  # the seed matters
+    u = full.flatten().numpy()
+    assert abs(u.mean() - 0.5) < 0.02 and abs(u.std() - 12 ** -0.5) < 0.02  # U(0, 1)
+
+
+def test_shared_noise_repeats_across_videos():
+    zeros = np.zeros(3, dtype=np.uint64)
+    eps = keyed_noise(id_keys(["a", "b"]), zeros, 0, 5, 8)
+    assert torch.equal(eps[:, 0], eps[:, 2]) and not torch.equal(eps[0], eps[1])
+
+
+# --------------------------------------------------------------------------- fast == naive
+
+
+@pytest.mark.parametrize("kw", HEADS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+@pytest.mark.parametrize("protocol", ["leak-free", "reference"])
+def test_fast_path_equals_naive_reference(kw, protocol):
+    head = _perturbed_head(**kw)
+    data = _data(13, 11)
+    for trials in (0, 5):
+        for noise in ("fresh", "shared"):
+            naive = _scores(head, data, path="naive", trials=trials, protocol=protocol, noise=noise)
+            fast = _scores(head, data, path="fast", trials=trials, protocol=protocol, noise=noise, chunk_pairs=7)
+            np.testing.assert_allclose(fast, naive, atol=2e-6, rtol=0)
+
+
+def test_naive_path_is_the_head_itself():
+    """Without sampling, the naive score is literally cos(t, head.pool(t, v))."""
+    head = _perturbed_head(head="xpool")
+    text, text_ids, video, mask, video_ids = _data(5, 4)
+    with torch.no_grad():
+        pooled = head.pool(text, video, mask)  # [n_text, n_video, dim]
+        expected = torch.nn.functional.cosine_similarity(text[:, None], pooled, dim=-1).numpy()
+    got = score_matrix(head, text, text_ids, video, mask, video_ids, EvalConfig(path="naive", trials=0, progress=False))
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- leak-free
+
+
+@pytest.mark.parametrize("path", ["fast", "naive"])
+def test_query_and_gallery_sizes_may_differ(path):
+    """(a) 37 captions against 101 videos; every score equals the one computed in the
+    full 60 x 101 problem and in a 37 x 40 sub-gallery: s(t, v) depends on t and v only."""
+    head = _perturbed_head(head="tmass")
+    text, text_ids, video, mask, video_ids = _data(60, 101)
+    cfg = EvalConfig(path=path, trials=4, progress=False)
+    full = score_matrix(head, text, text_ids, video, mask, video_ids, cfg)
+    rows = np.arange(5, 42)
+    part = score_matrix(head, text[rows], [text_ids[i] for i in rows], video, mask, video_ids, cfg)
+    assert part.shape == (37, 101)
+    np.testing.assert_allclose(part, full[rows], atol=1e-6, rtol=0)
+    cols = np.arange(0, 101, 101 // 40)[:40]
+    sub = score_matrix(head, text[rows], [text_ids[i] for i in rows], video[cols], mask[cols], [video_ids[i] for i in cols], cfg)
+    np.testing.assert_allclose(sub, full[rows][:, cols], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("noise", ["fresh", "shared"])
+def test_permuting_the_gallery_permutes_the_scores_and_nothing_else(noise):
+    """(b)"""
+    head = _perturbed_head(head="tmass")
+    text, text_ids, video, mask, video_ids = _data(37, 101)
+    cfg = EvalConfig(trials=6, noise=noise, progress=False)
+    base = score_matrix(head, text, text_ids, video, mask, video_ids, cfg)
+    perm = np.random.default_rng(0).permutation(101)
+    permuted = score_matrix(head, text, text_ids, video[perm], mask[perm], [video_ids[i] for i in perm], cfg)
+    np.testing.assert_allclose(permuted, base[:, perm], atol=1e-6, rtol=0)
+    targets = np.arange(37) % 101
+    inverse = np.argsort(perm)
+    assert np.array_equal(t2v_ranks(base, targets), t2v_ranks(permuted, inverse[targets]))
+
+
+def test_chunked_scores_equal_one_piece():
+    """(d) chunk size changes nothing (memory is bounded by the chunk)."""
+    head = _perturbed_head(head="tmass")
+    data = _data(23, 17)
+    whole = _scores(head, data, trials=5, chunk_pairs=10**6)
+    for chunk in (1, 7, 64):
+        np.testing.assert_allclose(_scores(head, data, trials=5, chunk_pairs=chunk), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_random_features_sit_at_chance_and_the_audit_mode_does_not():
+    """(c) On structureless features and an untrained T-MASS head, leak-free R@1 is at
+    chance (0.1 % for 1,000 x 1,000); the reference protocol on the same features is
+    far above it, which is the leak this project exists to avoid."""
+    head = Head(HeadConfig(head="tmass", embed_dim=512, num_frames=12)).eval()
+    targets = np.arange(1000)
+    leak_free = []
+    for seed in (0, 1, 2):
+        g = torch.Generator().manual_seed(seed)
+        text = torch.randn(1000, 512, generator=g)
+        video = torch.randn(1000, 12, 512, generator=g)
+        ids_t, ids_v = [f"t{i}" for i in range(1000)], [f"v{i}" for i in range(1000)]
+        scores = score_matrix(head, text, ids_t, video, None, ids_v, EvalConfig(trials=20, seed=seed, progress=False))
+        r1 = retrieval_metrics(scores, targets)["t2v"]["R1"]
+        leak_free.append(r1)
+        assert r1 <= 0.6, f"seed {seed}: leak-free R@1 {r1} % on random features"
+    assert np.mean(leak_free) <= 0.4
+    audit = score_matrix(head, text, ids_t, video, None, ids_v,
+                         EvalConfig(trials=20, protocol="reference", progress=False), targets)
+    assert retrieval_metrics(audit, targets)["t2v"]["R1"] >= 2.0
+
+
+def test_reference_protocol_needs_every_video_captioned():
+    head = _perturbed_head(head="tmass")
+    text, text_ids, video, mask, video_ids = _data(3, 5)
+    with pytest.raises(ValueError, match="caption for every gallery video"):
+        score_matrix(head, text, text_ids, video, mask, video_ids,
+                     EvalConfig(protocol="reference", progress=False), np.array([0, 1, 2]))
+
+
+def test_scores_are_deterministic_in_the_seed():
+    head = _perturbed_head(head="tmass")
+    data = _data(9, 8)
+    a, b = _scores(head, data, seed=3, trials=5), _scores(head, data, seed=3, trials=5)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, _scores(head, data, seed=4, trials=5))
+    # more trials can only find a closer sample: best-of-M is monotone in M (same keys)
+    assert (_scores(head, data, seed=3, trials=10) >= a - 1e-6).all()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_t2v_ranks_on_a_hand_made_matrix():
+    scores = np.array([
+        [0.9, 0.1, 0.2],   # target 0: best            -> rank 1
+        [0.5, 0.4, 0.6],   # target 1: two above       -> rank 3
+        [0.3, 0.3, 0.3],   # target 2: all tied        -> rank 3 (ties count against)
+        [0.2, 0.8, 0.8],   # target 1: tied with one   -> rank 2
+    ])
+    targets = np.array([0, 1, 2, 1])
+    assert t2v_ranks(scores, targets).tolist() == [1, 3, 3, 2]
+    m = retrieval_metrics(scores, targets, "t2v")["t2v"]
+    assert m["R1"] == 25.0 and m["R5"] == 100.0 and m["MdR"] == 2.5 and m["MnR"] == 2.25 and m["n"] == 4
+
+
+def test_v2t_uses_the_best_of_several_captions_and_skips_uncaptioned_videos():
+    # captions 0, 1 describe video 0; caption 2 video 1; video 2 has no caption
+    scores = np.array([
+        [0.2, 0.9, 0.0],
+        [0.7, 0.1, 0.0],
+        [0.8, 0.5, 0.0],
+    ])
+    targets = np.array([0, 0, 1])
+    # video 0: best own caption (0.7) is beaten by caption 2 (0.8) -> rank 2
+    # video 1: own caption 0.5 beaten by caption 0 (0.9) -> rank 2
+    assert v2t_ranks(scores, targets).tolist() == [2, 2]
+    assert retrieval_metrics(scores, targets, "v2t")["v2t"]["n"] == 2
+    # a constant matrix ranks every video last among the other videos' captions
+    assert v2t_ranks(np.zeros((3, 3)), targets).tolist() == [2, 3]
+
+
+def test_metrics_reject_nan_and_bad_targets():
+    with pytest.raises(ValueError, match="NaN"):
+        t2v_ranks(np.array([[np.nan, 0.0]]), np.array([0]))
+    with pytest.raises(ValueError, match="outside"):
+        t2v_ranks(np.zeros((1, 2)), np.array([2]))
+
+
+def test_dual_softmax_is_a_softmax_over_queries():
+    scores = np.array([[0.2, 0.1], [0.3, 0.4]], dtype=np.float32)
+    out = dual_softmax(scores, temperature=10.0)
+    prior = np.exp(10 * scores) / np.exp(10 * scores).sum(axis=0, keepdims=True)
+    np.testing.assert_allclose(out, scores * prior, rtol=1e-6)
