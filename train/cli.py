@@ -13,7 +13,8 @@ _FIELDS = {
     "head": ("head", "head"), "radius": ("head", "radius"), "prior": ("head", "prior"),
     "prior_std": ("head", "prior_std"), "dropout": ("head", "dropout"), "num_heads": ("head", "num_heads"),
     "loss_terms": ("train", "loss_terms"), "support_weight": ("train", "support_weight"),
-    "support_video": ("train", "support_video"), "epochs": ("train", "epochs"),
+    "support_video": ("train", "support_video"), "pooling_path": ("train", "pooling_path"),
+    "epochs": ("train", "epochs"),
     "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "weight_decay": ("train", "weight_decay"),
     "warmup_fraction": ("train", "warmup_fraction"), "grad_clip": ("train", "grad_clip"), "seed": ("train", "seed"),
     "val_fraction": ("train", "val_fraction"), "val_trials": ("train", "val_trials"),
@@ -38,6 +39,8 @@ _FIELDS = {
 @click.option("--support-video", type=click.Choice(["paired", "batch-mean"]), default="paired", show_default=True,
               help="Video of the support text: the video pooled on its own caption, or (the reference) "
                    "averaged over the batch's captions.")
+@click.option("--pooling-path", type=click.Choice(["folded", "module"]), default="folded", show_default=True,
+              help="X-Pool pooling at train time: frame-wise folded (fast, same function) or the head's module.")
 @click.option("--loss-terms", default="", show_default="ce for meanp/xpool, s,sup for tmass",
               help="Comma list from ce (t), s (stochastic t_s), sup (support text): Table 6's rows.")
 @click.option("--epochs", type=int, default=5, show_default=True, help="0 writes the initial model (baselines, audits).")

@@ -22,12 +22,14 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from tmass.train.heads import Head, paired_frame_similarity, stochastic_text, support_text
+from tmass.train.folded import folded_xpool
+from tmass.train.heads import Head, XPoolFusion, paired_frame_similarity, stochastic_text, support_text
 
 LOSS_TERMS = ("ce", "s", "sup")
 STOCHASTIC_TERMS = ("s", "sup")  # need the T-MASS radius
 DEFAULT_TERMS = {"meanp": ("ce",), "xpool": ("ce",), "tmass": ("s", "sup")}
 SUPPORT_VIDEOS = ("paired", "batch-mean")
+POOLING_PATHS = ("folded", "module")
 
 
 def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
@@ -59,6 +61,14 @@ def parse_loss_terms(terms: str | Iterable[str] | None, head: str) -> tuple[str,
     return tuple(t for t in LOSS_TERMS if t in names)
 
 
+def support_videos(pooled: torch.Tensor, support_video: str = "paired") -> torch.Tensor:
+    """The video embedding v_i of pair i in the support text (Eq. 8), ``[B, dim]``, from
+    the batch's pooled videos ``[B(text), B(video), dim]``; see :func:`batch_losses`."""
+    if support_video == "paired":
+        return pooled.diagonal(dim1=0, dim2=1).T  # pooled[i, i]
+    return pooled.mean(dim=0)  # pooled[:, i].mean(0)
+
+
 def batch_losses(
     head: Head,
     text: torch.Tensor,
@@ -68,6 +78,7 @@ def batch_losses(
     support_weight: float = 0.8,
     support_video: str = "paired",
     generator: torch.Generator | None = None,
+    pooling_path: str = "folded",
 ) -> dict[str, torch.Tensor]:
     """The loss terms of one batch of pairs and their weighted ``total``.
 
@@ -87,12 +98,21 @@ def batch_losses(
       of a pair does not change with which other captions happen to share its batch.
     * ``batch-mean``: v_i = video i pooled on each caption of the batch, averaged
       (``pooled[:, i].mean(0)``), which is what the reference code does.
+
+    ``pooling_path``: ``folded`` computes X-Pool's pooling with
+    :func:`tmass.train.folded.folded_xpool` (same function, about half the step time on
+    a CPU); ``module`` calls the head's own forward pass.
     """
     if support_video not in SUPPORT_VIDEOS:
         raise ValueError(f"unknown support video {support_video!r}; choose from {SUPPORT_VIDEOS}")
     if any(t in STOCHASTIC_TERMS for t in terms) and not head.stochastic:
         raise ValueError(f"loss terms {terms} need a T-MASS head (head {head.cfg.head!r} has no radius)")
-    pooled = head.pool(text, frames, frame_mask)  # [B(text), B(video), dim]
+    if pooling_path not in POOLING_PATHS:
+        raise ValueError(f"unknown pooling path {pooling_path!r}; choose from {POOLING_PATHS}")
+    if pooling_path == "folded" and isinstance(head.pooling, XPoolFusion):
+        pooled = folded_xpool(head.pooling, text, frames, frame_mask)  # [B(text), B(video), dim]
+    else:
+        pooled = head.pool(text, frames, frame_mask)
     # cos(x_i, pooled[i, j]) for several text variants x at once: one batched product
     # and one division by the pooled norms, instead of normalising [B, B, dim] per term.
     inv_norm = pooled.norm(dim=-1).clamp_min(1e-12).reciprocal()  # [B, B]
@@ -105,8 +125,7 @@ def batch_losses(
             noise = head.sample_noise(tuple(text.shape), generator=generator, device=text.device)
             variants["s"] = stochastic_text(text, log_radius, noise)
         if "sup" in terms:
-            video = pooled.diagonal(dim1=0, dim2=1).T if support_video == "paired" else pooled.mean(dim=0)
-            variants["sup"] = support_text(text, log_radius, video)  # video [B, dim], row i = video i
+            variants["sup"] = support_text(text, log_radius, support_videos(pooled, support_video))
     stacked = F.normalize(torch.stack(list(variants.values())), dim=-1)  # [K, B, dim]
     logits = torch.einsum("ktd,tvd->ktv", stacked, pooled) * (inv_norm * head.logit_scale())
     losses = {name: symmetric_infonce(logits[k]) for k, name in enumerate(variants)}

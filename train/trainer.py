@@ -36,7 +36,7 @@ from tmass import __version__
 from tmass.features.format import SplitArrays, load_split
 from tmass.train.data import PairData, epoch_order, split_validation
 from tmass.train.heads import Head, HeadConfig
-from tmass.train.losses import SUPPORT_VIDEOS, batch_losses, parse_loss_terms
+from tmass.train.losses import POOLING_PATHS, SUPPORT_VIDEOS, batch_losses, parse_loss_terms
 
 CHECKPOINT_VERSION = 1
 SELECTION_LABELS = {
@@ -81,6 +81,7 @@ class TrainConfig:
     loss_terms: tuple[str, ...] = ()  # () = the head's default: ce (meanp, xpool), s+sup (tmass)
     support_weight: float = 0.8  # alpha of Eq. 9, the paper's final MSR-VTT value
     support_video: str = "paired"  # paired | batch-mean (the reference); see losses.batch_losses
+    pooling_path: str = "folded"  # folded | module: X-Pool's pooling computed frame-wise (train/folded.py)
     val_fraction: float = 0.05  # of the train split's videos, held out for selection; 0 disables
     val_trials: int = 0  # T-MASS sampling trials when validating (0: the deterministic t, fast)
     val_every: int = 0  # steps between validations; 0: at the end of each epoch
@@ -94,6 +95,8 @@ class TrainConfig:
         self.loss_terms = tuple(self.loss_terms)
         if self.select_on not in ("val", "test"):
             raise ValueError(f"select_on must be 'val' or 'test', got {self.select_on!r}")
+        if self.pooling_path not in POOLING_PATHS:
+            raise ValueError(f"pooling_path must be one of {POOLING_PATHS}, got {self.pooling_path!r}")
         if self.support_video not in SUPPORT_VIDEOS:
             raise ValueError(f"support_video must be one of {SUPPORT_VIDEOS}, got {self.support_video!r}")
         for name in ("epochs", "val_trials", "val_every", "eval_trials"):
@@ -177,7 +180,7 @@ class Trainer:
         text, frames, frame_mask = self.data.batch(rows)
         losses = batch_losses(
             self.head, text, frames, frame_mask, self.cfg.loss_terms,
-            self.cfg.support_weight, self.cfg.support_video, self.noise,
+            self.cfg.support_weight, self.cfg.support_video, self.noise, self.cfg.pooling_path,
         )
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()

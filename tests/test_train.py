@@ -1,0 +1,297 @@
+"""Training: loss, schedule, loss-term selection, folded pooling, hold-out, trainer, CLI.
+
+Runs on the simulated ``tiny`` features; the whole file is meant to take well under
+a minute and a half on two CPU cores."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tmass.cli import main
+from tmass.features.format import load_split
+from tmass.train.data import epoch_order, held_out_videos, split_validation, subset_videos
+from tmass.train.folded import folded_xpool
+from tmass.train.heads import Head, HeadConfig, XPoolFusion
+from tmass.train.losses import batch_losses, parse_loss_terms, support_videos, symmetric_infonce
+from tmass.train.trainer import TrainConfig, load_checkpoint, lr_at, train
+
+FAST = dict(lr=1e-3, val_fraction=0.0, final_eval=False)  # tiny runs: no validation, no test metrics
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_infonce_known_value():
+    # identity sims at scale 1: every row and column is softmax([1, 0]) at the target
+    logits = torch.eye(2)
+    assert symmetric_infonce(logits).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    # hand-computed asymmetric case: rows (t2v) and columns (v2t) differ
+    logits = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    t2v = (-math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(2)) / 2
+    v2t = (-math.log(math.exp(2) / (math.exp(2) + math.e)) - math.log(math.e / (1 + math.e))) / 2
+    assert symmetric_infonce(logits).item() == pytest.approx((t2v + v2t) / 2, rel=1e-6)
+
+
+def test_infonce_is_symmetric_in_texts_and_videos():
+    logits = torch.randn(5, 5, generator=torch.Generator().manual_seed(0))
+    assert symmetric_infonce(logits).item() == pytest.approx(symmetric_infonce(logits.T).item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_lr_schedule_warmup_peak_and_end():
+    total, base = 1000, 1e-5
+    assert lr_at(0, total, base) == 0.0
+    assert lr_at(50, total, base) == pytest.approx(base / 2)  # half-way through the 100 warm-up steps
+    assert lr_at(100, total, base) == pytest.approx(base)  # peak at the end of warm-up
+    assert lr_at(550, total, base) == pytest.approx(base / 2)  # cosine half-way
+    assert lr_at(999, total, base) < 1e-3 * base and lr_at(total, total, base) == 0.0
+    lrs = [lr_at(s, total, base) for s in range(total)]
+    assert all(a <= b for a, b in zip(lrs[:100], lrs[1:101])) and all(a >= b for a, b in zip(lrs[100:], lrs[101:]))
+    assert lr_at(0, 10, base, warmup_fraction=0.0) == base  # no warm-up: start at the peak
+
+
+# ----------------------------------------------------------------------------- loss terms
+
+
+def test_loss_terms_defaults_and_errors():
+    assert parse_loss_terms(None, "meanp") == ("ce",)
+    assert parse_loss_terms("", "xpool") == ("ce",)
+    assert parse_loss_terms("", "tmass") == ("s", "sup")
+    assert parse_loss_terms("sup,s,ce", "tmass") == ("ce", "s", "sup")  # canonical order
+    for terms in ("s", "ce,sup"):
+        with pytest.raises(ValueError, match="need the T-MASS radius"):
+            parse_loss_terms(terms, "xpool")
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        parse_loss_terms("ce,kl", "tmass")
+
+
+def _batch(n=6, dim=16, frames=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, frames, dtype=torch.bool)
+    mask[1, 2:] = False  # one short clip
+    return torch.randn(n, dim, generator=g) * 8, torch.randn(n, frames, dim, generator=g) * 10, mask
+
+
+def test_batch_losses_terms_and_total():
+    text, frames, mask = _batch()
+    head = Head(HeadConfig(head="tmass", embed_dim=16, num_frames=4, dropout=0.0)).eval()
+    losses = batch_losses(head, text, frames, mask, ("ce", "s", "sup"), support_weight=0.8,
+                          generator=torch.Generator().manual_seed(0))
+    assert set(losses) == {"ce", "s", "sup", "total"}
+    assert losses["total"].item() == pytest.approx((losses["ce"] + losses["s"] + 0.8 * losses["sup"]).item())
+    # ce is X-Pool's loss: the same for a T-MASS head and an X-Pool head with the same weights
+    xpool = Head(HeadConfig(head="xpool", embed_dim=16, num_frames=4, dropout=0.0)).eval()
+    assert batch_losses(xpool, text, frames, mask, ("ce",))["ce"].item() == pytest.approx(losses["ce"].item(), rel=1e-5)
+    # the stochastic term follows its generator; the support term is deterministic
+    again = batch_losses(head, text, frames, mask, ("s", "sup"), generator=torch.Generator().manual_seed(0))
+    other = batch_losses(head, text, frames, mask, ("s", "sup"), generator=torch.Generator().manual_seed(1))
+    assert again["s"].item() == pytest.approx(losses["s"].item()) and other["s"].item() != again["s"].item()
+    assert other["sup"].item() == pytest.approx(losses["sup"].item())
+    with pytest.raises(ValueError, match="T-MASS"):
+        batch_losses(xpool, text, frames, mask, ("s",))
+
+
+def test_support_video_paired_depends_on_the_pair_only():
+    """paired: pair 0's support video is the same whatever else is in the batch;
+    batch-mean (the reference) changes with the other captions."""
+    text, frames, mask = _batch()
+    head = Head(HeadConfig(head="tmass", embed_dim=16, num_frames=4, dropout=0.0)).eval()
+
+    def first_pair(kind, rows):
+        return support_videos(head.pool(text[rows], frames[rows], mask[rows]), kind)[0]
+
+    pooled = head.pool(text, frames, mask)
+    assert torch.equal(support_videos(pooled, "paired")[2], pooled[2, 2])
+    assert torch.allclose(support_videos(pooled, "batch-mean")[2], pooled[:, 2].mean(0))
+    assert torch.allclose(first_pair("paired", [0, 1, 2, 3]), first_pair("paired", [0, 4, 5]), atol=1e-5)
+    assert not torch.allclose(first_pair("batch-mean", [0, 1, 2, 3]), first_pair("batch-mean", [0, 4, 5]), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- folded pooling
+
+
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_folded_xpool_equals_the_module(num_heads):
+    """Same values and gradients as XPoolFusion.forward, in eval mode and in train mode
+    (where dropout must draw the same mask), with a padded clip."""
+    torch.manual_seed(0)
+    fusion = XPoolFusion(HeadConfig(head="xpool", embed_dim=16, num_frames=4, num_heads=num_heads))
+    with torch.no_grad():  # leave the identity init so every term matters
+        for p in fusion.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    text, frames, mask = _batch()
+    for mode in ("eval", "train"):
+        getattr(fusion, mode)()
+        outputs, grads = [], []
+        for fn in (fusion, lambda *a: folded_xpool(fusion, *a)):
+            fusion.zero_grad()
+            torch.manual_seed(1)
+            out = fn(text, frames, mask)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            outputs.append(out.detach())
+            grads.append(torch.cat([p.grad.flatten() for p in fusion.parameters()]))
+        assert torch.allclose(outputs[0], outputs[1], atol=1e-5), mode
+        assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4), mode
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_validation_holdout_is_by_video_and_deterministic(tiny_features):
+    arrays = load_split(tiny_features / "train")
+    held = held_out_videos(arrays.video_ids, 0.2)
+    assert 0.1 < held.mean() < 0.3
+    assert np.array_equal(held, held_out_videos(list(arrays.video_ids), 0.2))
+    # a video's side depends on its id alone, not on the order or the other ids
+    assert np.array_equal(held_out_videos(arrays.video_ids[::-1], 0.2), held[::-1])
+    fit, val = split_validation(arrays, 0.2)
+    assert set(fit.video_ids).isdisjoint(val.video_ids)
+    assert len(fit.video_ids) + len(val.video_ids) == len(arrays.video_ids)
+    assert len(fit.text_ids) + len(val.text_ids) == len(arrays.text_ids)
+    for part in (fit, val):  # every caption still points at its own video's frames
+        original = {v: i for i, v in enumerate(arrays.video_ids)}
+        for t in range(0, len(part.text_ids), 7):
+            source_row = original[part.video_ids[part.text_to_video[t]]]
+            assert np.array_equal(part.frames[part.text_to_video[t]], arrays.frames[source_row])
+            assert part.text_ids[t].startswith(part.video_ids[part.text_to_video[t]])
+    assert split_validation(arrays, 0.0) == (arrays, None)
+    assert subset_videos(arrays, np.ones(len(arrays.video_ids), bool)).text_ids == arrays.text_ids
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    a = epoch_order(100, seed=0, epoch=3)
+    assert torch.equal(a, epoch_order(100, seed=0, epoch=3))
+    assert torch.equal(a.sort().values, torch.arange(100))
+    assert not torch.equal(a, epoch_order(100, seed=0, epoch=4))
+    assert not torch.equal(a, epoch_order(100, seed=1, epoch=3))
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def _losses(run_dir) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r["total"] for r in records if "total" in r]
+
+
+def test_training_reduces_loss_and_beats_the_untrained_model(tiny_features, tmp_path):
+    cfg = TrainConfig(epochs=3, lr=1e-3, val_fraction=0.0, eval_trials=5, device="cpu")
+    untrained = train(tiny_features, tmp_path / "untrained", dataclasses.replace(cfg, epochs=0),
+                      HeadConfig(head="tmass"), progress=False)
+    trained = train(tiny_features, tmp_path / "trained", cfg, HeadConfig(head="tmass"), progress=False)
+    losses = _losses(tmp_path / "trained")
+    assert len(losses) == 3 * (1024 // 32)
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert trained["test"]["t2v"]["R1"] > untrained["test"]["t2v"]["R1"] + 5
+    assert trained["test"]["trials"] == 5
+
+
+def test_epochs_zero_writes_the_initial_model(tiny_features, tmp_path):
+    metrics = train(tiny_features, tmp_path / "run", TrainConfig(epochs=0, **FAST), HeadConfig(head="xpool"), progress=False)
+    assert metrics["steps"] == 0
+    head, checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert checkpoint["step"] == 0 and (tmp_path / "run" / "last.pt").exists()
+    fresh = Head(dataclasses.replace(head.cfg))
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), fresh.state_dict().values()))
+    assert head.logit_scale().item() == pytest.approx(100.0)  # from the features manifest
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_features, tmp_path):
+    cfg = TrainConfig(epochs=2, checkpoint_every=5, **FAST)
+    head_cfg = HeadConfig(head="tmass")
+    train(tiny_features, tmp_path / "straight", cfg, head_cfg, progress=False)
+    # interrupted mid-epoch 1 (step 43, checkpoint every 5: last.pt written at the stop)
+    assert train(tiny_features, tmp_path / "resumed", cfg, head_cfg, progress=False, stop_after=43) == {"stopped_at": 43}
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")[1]["step"] == 43
+    train(tiny_features, tmp_path / "resumed", cfg, head_cfg, progress=False, resume=True)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 64
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert (tmp_path / "straight" / "log.jsonl").read_text() == (tmp_path / "resumed" / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match="lr"):  # a different run cannot resume this one
+        train(tiny_features, tmp_path / "resumed", dataclasses.replace(cfg, lr=1e-4), head_cfg, progress=False, resume=True)
+    with pytest.raises(FileExistsError):
+        train(tiny_features, tmp_path / "resumed", cfg, head_cfg, progress=False)
+
+
+def test_validation_selects_best_and_labels_it(tiny_features, tmp_path):
+    cfg = TrainConfig(epochs=2, lr=1e-3, val_fraction=0.2, final_eval=False)
+    train(tiny_features, tmp_path / "run", cfg, HeadConfig(head="xpool"), progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    per_epoch = config["pairs"]["train"] // 32
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r.get("event") == "val"]
+    assert [r["step"] for r in vals] == [per_epoch, 2 * per_epoch] and all(r["split"] == "val" for r in vals)
+    best = max(vals, key=lambda r: r["t2v"]["R1"])  # first of the ties wins
+    _, checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert checkpoint["step"] == best["step"] and checkpoint["best"]["R1"] == best["t2v"]["R1"]
+    assert config["pairs"]["val"] > 0 and config["selection"].startswith("validation")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_help():
+    result = CliRunner().invoke(main, ["train", "--help"])
+    assert result.exit_code == 0 and "--support-weight" in result.output and "--resume" in result.output
+
+
+def test_cli_writes_the_run_directory_and_resumes(tiny_features, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--features", str(tiny_features), "--out", str(out), "--head", "xpool", "--epochs", "2",
+            "--lr", "1e-3", "--seed", "3", "--eval-trials", "0", "--no-progress"]
+    result = CliRunner().invoke(main, args + ["--stop-after", "20"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "metrics.json").exists()
+    # resume takes the run's settings; a conflicting one is refused
+    result = CliRunner().invoke(main, ["train", "--out", str(out), "--resume", "--seed", "4"])
+    assert result.exit_code != 0 and "--seed 4" in result.output
+    result = CliRunner().invoke(main, ["train", "--out", str(out), "--resume", "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "test t2v R@1" in result.output
+    for name in ("config.json", "log.jsonl", "train.log", "last.pt", "best.pt", "metrics.json"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["seed"] == 3 and config["train"]["loss_terms"] == ["ce"]
+    assert config["head"]["head"] == "xpool" and config["head"]["embed_dim"] == 64
+    assert config["features_manifest_sha256"]["train"] == load_split(tiny_features / "train").manifest_sha256
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    per_epoch = config["pairs"]["train"] // 32  # 5 % of the videos held out for validation
+    assert [r["step"] for r in steps if "total" in r] == list(range(1, 2 * per_epoch + 1))
+    assert {"lr", "ce", "total", "logit_scale"} <= set(steps[1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["t2v"]["n"] == 128 and metrics["selection"].startswith("validation")
+
+
+def test_cli_rejects_stochastic_terms_for_a_deterministic_head(tiny_features, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--features", str(tiny_features), "--out", str(tmp_path / "r"),
+                                       "--head", "xpool", "--loss-terms", "s,sup"])
+    assert result.exit_code != 0 and "need the T-MASS radius" in result.output
+
+
+def test_cli_select_on_test_is_labelled_everywhere(tiny_features, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--features", str(tiny_features), "--out", str(out), "--head", "meanp",
+                                       "--epochs", "1", "--select-on", "test", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    label = "test-split (optimistic)"
+    assert json.loads((out / "config.json").read_text())["selection"] == label
+    assert json.loads((out / "metrics.json").read_text())["selection"] == label
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[0]["selection"] == label
+    assert [r["split"] for r in records if r.get("event") == "val"] == ["test"]
+    assert all(r["selection"] == label for r in records if r.get("event") == "val")
+    for name in ("best.pt", "last.pt"):
+        assert load_checkpoint(out / name)[1]["selection"] == label
+    assert label in result.output
