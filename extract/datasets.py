@@ -277,7 +277,7 @@ def charades(root: Path, split: str, caption_field: str = "script") -> SplitData
 
 def demo(root: Path, split: str) -> SplitData:
     """DATA_ROOT/
-        captions.json     [{"video_id", "split", "captions": [...]}, ...]
+        captions.json     [{"video_id", "split", "captions": [...], "scenes": [full description of each scene]}, ...]
         videos/<video_id>.mp4
         demo-info.json    generator version and settings (written last)
 

@@ -69,10 +69,13 @@ class _Scene:
     origin: tuple  # actor centre (x, y) in [0, 1]
     distractor: tuple | None  # (shape, colour name, x, y) or None
 
-    def phrase(self, rng: np.random.Generator) -> str:
+    def phrase(self, rng: np.random.Generator | None = None) -> str:
+        """What happens, in words; with ``rng`` the colour may be left out (a vaguer
+        caption), without it the full description."""
         if self.event == "turns":  # the colour is the point of this event: always named
             return f"{_article(self.colour)} {self.colour} {self.shape} turns {self.new_colour}"
-        noun = f"{self.colour} {self.shape}" if rng.random() > 0.3 else self.shape
+        vague = rng is not None and rng.random() <= 0.3
+        noun = self.shape if vague else f"{self.colour} {self.shape}"
         return f"{_article(noun)} {noun} {EVENT_PHRASES.get(self.event, self.event)}"
 
 
@@ -168,12 +171,13 @@ def write_clip(path: Path, frames: np.ndarray, fps: int = 10, codec: str = "libx
         container.mux(stream.encode())
 
 
-def demo_clip(spec: DemoSpec, index: int) -> tuple[np.ndarray, list[str]]:
-    """Frames ``[n_frames, height, width, 3]`` uint8 and captions of clip ``index``."""
+def demo_clip(spec: DemoSpec, index: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """Clip ``index``: frames ``[n_frames, height, width, 3]`` uint8, its captions, and
+    the full description of every scene (what a caption could say at most)."""
     rng = np.random.default_rng([spec.seed, index])
     n_frames = int(round(spec.fps * spec.seconds))
     scenes = _scenes(spec, n_frames, rng)
-    return _render(scenes, spec, n_frames), _captions(scenes, spec, rng)
+    return _render(scenes, spec, n_frames), _captions(scenes, spec, rng), [s.phrase() for s in scenes]
 
 
 def render_demo(root: Path, spec: DemoSpec | None = None, progress: bool = True) -> Path:
@@ -194,10 +198,11 @@ def render_demo(root: Path, spec: DemoSpec | None = None, progress: bool = True)
     items = []
     n_total = spec.n_train + spec.n_test
     for i in tqdm(range(n_total), desc=f"render demo clips into {root}", unit="clip", disable=not progress):
-        frames, captions = demo_clip(spec, i)
+        frames, captions, scenes = demo_clip(spec, i)
         video_id = f"demo{i:04d}"
         write_clip(root / "videos" / f"{video_id}.mp4", frames, spec.fps)
-        items.append({"video_id": video_id, "split": "train" if i < spec.n_train else "test", "captions": captions})
+        items.append({"video_id": video_id, "split": "train" if i < spec.n_train else "test", "captions": captions,
+                      "scenes": scenes})
     (root / "captions.json").write_text(json.dumps(items, indent=1) + "\n")
     tmp = root / f".{INFO}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=2) + "\n")

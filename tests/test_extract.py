@@ -169,7 +169,7 @@ def messy_msrvtt(tmp_path_factory) -> Path:
     """An MSR-VTT 1k-A style test split with every kind of bad input next to good ones."""
     root = tmp_path_factory.mktemp("msrvtt")
     videos = root / "videos" / "all"
-    good, _ = demo_clip(SMALL_DEMO, 0)
+    good = demo_clip(SMALL_DEMO, 0)[0]
     write_clip(videos / "video1.mp4", good)
     write_clip(videos / "video2.mp4", good[::-1])
     write_clip(videos / "video3.mp4", good[:5])  # shorter than --num-frames 8
