@@ -254,3 +254,39 @@ def test_dual_softmax_is_a_softmax_over_queries():
     out = dual_softmax(scores, temperature=10.0)
     prior = np.exp(10 * scores) / np.exp(10 * scores).sum(axis=0, keepdims=True)
     np.testing.assert_allclose(out, scores * prior, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_eval_cli_writes_labelled_json_and_the_score_matrix(tiny_features, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from tmass.cli import main
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    trained = runner.invoke(main, ["train", "--features", str(tiny_features), "--head", "tmass", "--epochs", "0",
+                                   "--out", str(run)])
+    assert trained.exit_code == 0, trained.output
+    out = tmp_path / "eval.json"
+    sims = tmp_path / "sims.npy"
+    result = runner.invoke(main, ["eval", "--features", str(tiny_features), "--checkpoint", str(run / "best.pt"),
+                                  "--trials", "3", "--dsl", "--json", str(out), "--save-sims", str(sims)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    for direction in ("t2v", "v2t"):
+        assert set(report[direction]) >= {"R1", "R5", "R10", "MdR", "MnR"}
+        assert "transductive" in report["dsl"]["note"] and direction in report["dsl"]
+    assert report["protocol"] == "leak-free" and report["trials"] == 3 and report["noise"] == "fresh"
+    assert len(report["features_manifest_sha256"]) == 64 and len(report["checkpoint_sha256"]) == 64
+    matrix = np.load(sims)
+    assert matrix.shape == (report["n_text"], report["n_video"]) == (128, 64)
+    assert retrieval_metrics(matrix, np.repeat(np.arange(64), 2))["t2v"] == report["t2v"]
+
+    audit = runner.invoke(main, ["eval", "--features", str(tiny_features / "test"), "--checkpoint",
+                                 str(run / "best.pt"), "--protocol", "reference", "--json", str(out)])
+    assert audit.exit_code == 0 and "AUDIT MODE" in audit.output
+    assert "AUDIT" in json.loads(out.read_text())["protocol"]

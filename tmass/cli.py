@@ -8,6 +8,7 @@ import click
 
 from tmass import __version__
 from tmass.extract.cli import extract
+from tmass.evaluate.cli import evaluate
 from tmass.features.cli import features
 from tmass.train.cli import train
 
@@ -28,3 +29,4 @@ def main():
 main.add_command(features)
 main.add_command(extract)
 main.add_command(train)
+main.add_command(evaluate)

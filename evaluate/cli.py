@@ -1,0 +1,116 @@
+"""``tmass eval``: leak-free retrieval metrics of a trained head on a features split."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import click
+
+
+def _split_dir(features: Path, split: str) -> Path:
+    """``features`` may be a split directory itself or a features directory holding splits."""
+    if (features / "manifest.json").is_file():
+        return features
+    candidate = features / split
+    if not (candidate / "manifest.json").is_file():
+        raise click.ClickException(f"{features}: neither a split directory nor holding a '{split}/' split with a manifest.json")
+    return candidate
+
+
+def _table(report: dict) -> str:
+    rows = [f"{'':6}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MdR':>7}{'MnR':>8}{'n':>7}"]
+    for name, metrics in (("t2v", report.get("t2v")), ("v2t", report.get("v2t")),
+                          ("t2v+DSL", report.get("dsl", {}).get("t2v")), ("v2t+DSL", report.get("dsl", {}).get("v2t"))):
+        if metrics:
+            rows.append(f"{name:8}{metrics['R1']:5.1f}{metrics['R5']:7.1f}{metrics['R10']:7.1f}"
+                        f"{metrics['MdR']:7.1f}{metrics['MnR']:8.1f}{metrics['n']:7d}")
+    return "\n".join(rows)
+
+
+@click.command(name="eval")
+@click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Features directory (with split subdirectories) or a split directory.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="A run's best.pt or last.pt.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate when --features holds several.")
+@click.option("--trials", type=int, default=20, show_default=True,
+              help="T-MASS samples per text-video pair, best kept (paper: 20); 0 = w/o sampling.")
+@click.option("--direction", type=click.Choice(["t2v", "v2t", "both"]), default="both", show_default=True)
+@click.option("--dsl", is_flag=True,
+              help="Also report DSL (dual softmax) metrics. Transductive: uses all queries at once.")
+@click.option("--protocol", type=click.Choice(["leak-free", "reference"]), default="leak-free", show_default=True,
+              help="'reference' is an AUDIT mode reproducing the official T-MASS evaluator, which scores each "
+                   "query against videos pooled on their own captions (leaks ground truth). Never for reporting.")
+@click.option("--noise", type=click.Choice(["fresh", "shared"]), default="fresh", show_default=True,
+              help="fresh: eps per (text, video, trial) as in the paper; shared: one eps per (text, trial) "
+                   "across all videos (variance reduction).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the keyed noise.")
+@click.option("--chunk-pairs", type=int, default=16384, show_default=True,
+              help="Text-video pairs scored at once; bounds memory, never changes a score.")
+@click.option("--path", "path_", type=click.Choice(["fast", "naive"]), default="fast", show_default=True,
+              help="naive: the reference implementation (slow; for checks).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--save-sims", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the [n_text, n_video] score matrix (.npy; rows and columns in shard order).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write metrics, labels, config and hashes as JSON.")
+def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, noise, seed, chunk_pairs, path_, device,
+             save_sims, json_path):
+    """Score every caption against every video of a split with a trained head and print
+    R@1/5/10, MdR and MnR for text-to-video and video-to-text."""
+    import numpy as np
+
+    from tmass import __version__
+    from tmass.evaluate.scores import EvalConfig, metrics_report, resolve_device, score_split
+    from tmass.features.format import FeatureFormatError, load_split, sha256_file
+    from tmass.train.trainer import load_checkpoint
+
+    split_dir = _split_dir(features, split)
+    try:
+        arrays = load_split(split_dir)
+    except FeatureFormatError as exc:
+        raise click.ClickException(f"features fail validation:\n{exc}") from exc
+    config = EvalConfig(trials=trials, seed=seed, protocol=protocol, noise=noise, path=path_,
+                        chunk_pairs=chunk_pairs, device=device)
+    head, info = load_checkpoint(checkpoint, resolve_device(device))
+    if head.cfg.embed_dim != arrays.meta.embed_dim:
+        raise click.ClickException(
+            f"{checkpoint}: head has dim {head.cfg.embed_dim}, features {split_dir} have dim {arrays.meta.embed_dim}")
+    if head.radius is not None and head.cfg.radius == "linear" and head.cfg.num_frames != arrays.meta.num_frames:
+        raise click.ClickException(
+            f"{checkpoint}: linear radius expects {head.cfg.num_frames} frames, features {split_dir} have {arrays.meta.num_frames}")
+    if protocol == "reference":
+        click.secho("AUDIT MODE (--protocol reference): every query is scored against videos pooled on their own "
+                    "captions, as the official evaluator does. These numbers leak ground truth.", fg="red", err=True)
+
+    start = time.time()
+    scores = score_split(head, arrays, config)
+    elapsed = time.time() - start
+    report = metrics_report(scores, arrays.text_to_video, config, direction, dsl)
+    report.update(
+        split=str(split_dir),
+        n_text=len(arrays.text_ids),
+        n_video=len(arrays.video_ids),
+        head=head.cfg.head,
+        selection=info.get("selection", "unknown"),
+        features_manifest_sha256=arrays.manifest_sha256,
+        checkpoint=str(checkpoint),
+        checkpoint_sha256=sha256_file(checkpoint),
+        config=dataclasses.asdict(config),
+        device=str(resolve_device(device)),
+        seconds=round(elapsed, 2),
+        software_version=__version__,
+    )
+    click.echo(f"{head.cfg.head} on {split_dir} ({report['n_text']} captions x {report['n_video']} videos), "
+               f"protocol {report['protocol']}, trials {trials}, noise {noise}, selection {report['selection']}, "
+               f"{elapsed:.1f} s")
+    click.echo(_table(report))
+    if save_sims:
+        save_sims.parent.mkdir(parents=True, exist_ok=True)
+        np.save(save_sims, scores)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
