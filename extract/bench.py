@@ -31,10 +31,10 @@ def _model_alone(encoder, data, config) -> tuple[float, float, int]:
     and the number of frames."""
     from torch.utils.data import DataLoader
 
-    from tmass.extract.runner import _collate, _VideoFrames
+    from tmass.extract.runner import collate_videos, VideoFrames
 
-    batches = list(DataLoader(_VideoFrames(tuple(data.videos), config, encoder.preprocess),
-                              batch_size=config.batch_size, collate_fn=_collate))
+    batches = list(DataLoader(VideoFrames(tuple(data.videos), config, encoder.preprocess),
+                              batch_size=config.batch_size, collate_fn=collate_videos))
     texts = [c.text for c in data.captions]
     chunk = config.batch_size * config.num_frames
     tick = time.perf_counter()

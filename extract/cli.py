@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -64,8 +65,8 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
     Each split directory also gets extract-config.json and extract.log (per-batch timings).
     """
     from tmass.extract.datasets import LayoutError, load_split
-    from tmass.extract.encoder import AUTO, WeightsUnavailable, get_encoder
-    from tmass.extract.runner import ConfigMismatch, ExtractConfig, dask_distributor, extract_split, jobs_config, run_sequential
+    from tmass.extract.encoder import AUTO, EncoderError, get_encoder
+    from tmass.extract.runner import ConfigMismatch, ExtractConfig, dask_distributor, extract_split, run_sequential, share_cores
 
     log = logging.getLogger("tmass.extract")
     log.setLevel(logging.DEBUG)
@@ -89,18 +90,14 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
         splits = [load_split(dataset, data_root, s, caption_field) for s in (SPLITS if split == "all" else [split])]
         # the driver's copy only supplies metadata when dask workers do the encoding
         encoder = get_encoder(model, pretrained, "cpu" if distributed else device, seed)
-    except (LayoutError, WeightsUnavailable, ValueError) as exc:
+    except (LayoutError, EncoderError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
     reports = []
     try:
-        if distributed:
-            with dask_distributor(workers, scheduler) as distributor:
-                for data in splits:
-                    reports.append(extract_split(data, jobs_config(config, workers), out, encoder, distributor))
-        else:
+        with dask_distributor(workers, scheduler) if distributed else nullcontext(run_sequential) as distributor:
             for data in splits:
-                reports.append(extract_split(data, config, out, encoder, run_sequential))
+                reports.append(extract_split(data, share_cores(config, workers), out, encoder, distributor))
     except ConfigMismatch as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -44,8 +44,8 @@ OFFLINE_HELP = (
 )
 
 
-class WeightsUnavailable(Exception):
-    """Requested pretrained weights cannot be loaded; the message says how to go on."""
+class EncoderError(Exception):
+    """The requested model or weights cannot be loaded; the message says how to go on."""
 
 
 @dataclass
@@ -117,12 +117,12 @@ def register_model(model: str) -> tuple[str, dict]:
     if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():
-            raise WeightsUnavailable(f"model config file {path} does not exist")
+            raise EncoderError(f"model config file {path} does not exist")
         add_model_config(path)
         model = path.stem
     config = get_model_config(model)
     if config is None:
-        raise WeightsUnavailable(
+        raise EncoderError(
             f"unknown open_clip model {model!r}; known: {', '.join(open_clip.list_models())}, "
             "or pass the path of an open_clip model-config JSON file")
     return model, config
@@ -155,14 +155,14 @@ def _download_host_problem(cfg: dict) -> str | None:
 
 def fetch_pretrained(name: str, tag: str) -> str:
     """Local path of the weights of an open_clip pretrained tag, downloading them if the
-    host is reachable; raises :class:`WeightsUnavailable` quickly otherwise."""
+    host is reachable; raises :class:`EncoderError` quickly otherwise."""
     import open_clip
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name, tag)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
-        raise WeightsUnavailable(
+        raise EncoderError(
             f"{tag!r} is neither an open_clip pretrained tag for {name} (known: {', '.join(tags) or 'none'}) "
             f"nor an existing checkpoint file. {OFFLINE_HELP}")
     problem = _download_host_problem(cfg)
@@ -175,7 +175,7 @@ def fetch_pretrained(name: str, tag: str) -> str:
             if path:
                 return path
             problem = "open_clip has no download source for it"
-    raise WeightsUnavailable(f"cannot load pretrained weights {tag!r} for {name}: {problem}. {OFFLINE_HELP}")
+    raise EncoderError(f"cannot load pretrained weights {tag!r} for {name}: {problem}. {OFFLINE_HELP}")
 
 
 def load_encoder(model: str, pretrained: str, device: str = "auto", seed: int = 0) -> Encoder:
@@ -194,14 +194,14 @@ def load_encoder(model: str, pretrained: str, device: str = "auto", seed: int = 
         try:
             fetch_pretrained(name, AUTO_TAG)
             weights = AUTO_TAG
-        except WeightsUnavailable as exc:
+        except EncoderError as exc:
             log.warning("--pretrained auto: %s weights not loadable (%s); using a RANDOM-INIT encoder", AUTO_TAG, exc)
             weights = NONE
     elif Path(pretrained).is_file():
         weights = pretrained
         sha256 = sha256_file(Path(pretrained))
     elif _looks_like_path(pretrained):
-        raise WeightsUnavailable(f"checkpoint file {pretrained} does not exist. {OFFLINE_HELP}")
+        raise EncoderError(f"checkpoint file {pretrained} does not exist. {OFFLINE_HELP}")
     else:
         fetch_pretrained(name, pretrained)
         weights = pretrained

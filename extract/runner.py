@@ -124,7 +124,7 @@ def write_json_atomic(path: Path, data) -> None:
 # ------------------------------------------------------------------------------ reader
 
 
-class _VideoFrames:
+class VideoFrames:
     """Map-style dataset over a partition's videos: decode, sample and preprocess with
     the model's own transform (PIL per frame, exactly what ``preprocess(image)`` does)."""
 
@@ -162,11 +162,12 @@ class _Batch:
     decode_s: float
 
     def pin_memory(self):  # DataLoader(pin_memory=True) calls this on custom batch types
-        self.pixels = self.pixels.pin_memory()
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
         return self
 
 
-def _collate(items: list) -> _Batch:
+def collate_videos(items: list) -> _Batch:
     """Runs in the loader worker, so the concatenation costs the model nothing."""
     import torch
 
@@ -229,8 +230,8 @@ def run_partition(job: PartitionJob) -> PartitionResult:
     if (encoder.embed_dim, encoder.image_size) != (meta.embed_dim, meta.image_size):
         raise RuntimeError(f"worker encoder {encoder.name} does not match the split's metadata")
     loader = DataLoader(
-        _VideoFrames(job.videos, config, encoder.preprocess), batch_size=config.batch_size,
-        num_workers=_loader_workers(config), collate_fn=_collate, pin_memory=encoder.device.startswith("cuda"),
+        VideoFrames(job.videos, config, encoder.preprocess), batch_size=config.batch_size,
+        num_workers=_loader_workers(config), collate_fn=collate_videos, pin_memory=encoder.device.startswith("cuda"),
     )
     stats: Counter = Counter()
     ok_ids, frames, masks, indices, failed = [], [], [], [], []
@@ -434,19 +435,25 @@ class SplitReport:
     wall_s: float
 
     def lines(self) -> list[str]:
-        s = self.stats
         reasons = Counter(f["reason"].split(":")[0] for f in self.failed)
-        out = [f"{self.split_dir}: {self.videos} videos, {self.texts} captions; "
-               f"{len(self.failed)} inputs skipped" + (f" ({', '.join(f'{r}: {n}' for r, n in reasons.most_common())})" if reasons else "")
-               + (f"; {self.resumed} partitions were already complete" if self.resumed else "")]
-        if s.get("frames"):
-            busy = s["encode_s"] + s["text_s"]
-            out.append(
-                f"  {int(s['frames'])} frames in {self.wall_s:.1f} s = {s['frames'] / self.wall_s:.1f} frames/s; "
-                f"image model {s['encode_s']:.1f} s, text model {s['text_s']:.1f} s, writing {s['write_s']:.1f} s, "
-                f"waiting on the decoder {s['wait_s']:.1f} s ({s['wait_s'] / max(busy + s['wait_s'], 1e-9):.0%} of model+wait); "
-                f"decode+preprocess {s['decode_s']:.1f} s in the loader workers (overlapped)")
-        return out
+        head = f"{self.split_dir}: {self.videos} videos, {self.texts} captions; {len(self.failed)} inputs skipped"
+        if reasons:
+            head += " (" + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()) + ")"
+        if self.resumed:
+            head += f"; {self.resumed} partitions were already complete"
+        s = self.stats
+        if not s.get("frames"):
+            return [head]
+        model_s = s["encode_s"] + s["text_s"]
+        return [
+            head,
+            f"  {int(s['frames'])} frames in {self.wall_s:.1f} s: {s['frames'] / self.wall_s:.1f} frames/s",
+            f"  image model {s['encode_s']:.1f} s, text model {s['text_s']:.1f} s, writing {s['write_s']:.1f} s; "
+            f"decode+preprocess {s['decode_s']:.1f} s in loader workers "
+            f"({s['decode_s'] / (s['decode_s'] + model_s):.0%} of decode+model time, overlapped with the model)",
+            f"  bottleneck: {'the model' if s['wait_s'] < model_s else 'decoding'} "
+            f"(the model waited {s['wait_s']:.1f} s for decoded frames)",
+        ]
 
 
 def extract_split(data: SplitData, config: ExtractConfig, out_root: Path, encoder: Encoder,
@@ -491,7 +498,7 @@ def extract_split(data: SplitData, config: ExtractConfig, out_root: Path, encode
     return report
 
 
-def jobs_config(config: ExtractConfig, workers: int) -> ExtractConfig:
+def share_cores(config: ExtractConfig, workers: int) -> ExtractConfig:
     """Share this machine's cores among ``workers`` local dask workers, so that their
     torch threads and decode processes do not oversubscribe it."""
     if workers <= 0 or resolve_device(config.device) != "cpu" or config.torch_threads:
