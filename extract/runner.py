@@ -12,12 +12,14 @@ A partition is a contiguous block of ``shard_size`` videos of the split's sorted
 with their captions; the same inputs always give the same partitions, so a re-run maps
 to the same shard numbers. Partition ``p`` writes, each file atomically, in this order::
 
-    failed-<p>.json   videos that could not be decoded: [{id, path, reason}, ...]
-    videos-<p>.h5     frames [n_ok, num_frames, dim], frame_mask, frame_index
-    texts-<p>.h5      embeddings [n_text, dim] of the captions of the decoded videos only
+    partition-<p>.json  {"inputs": digest of its video ids and captions,
+                         "failed": videos that could not be decoded, [{id, path, reason}, ...]}
+    videos-<p>.h5       frames [n_ok, num_frames, dim], frame_mask, frame_index
+    texts-<p>.h5        embeddings [n_text, dim] of the captions of the decoded videos only
 
-A partition whose two shards exist is complete (its failed list exists too, being
-written first): a re-run skips it and rereads its records and failures. The manifest is
+A partition whose two shards exist is complete (its json exists too, being written
+first): a re-run skips it and rereads its records and failures, unless its inputs changed
+since (the annotation was edited), in which case it is extracted again. The manifest is
 written last, once every partition is complete, so a killed run leaves no manifest and
 no partial shard; ``extract-config.json`` pins the settings a resume must share.
 """
@@ -25,6 +27,7 @@ no partial shard; ``extract-config.json`` pins the settings a resume must share.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -108,8 +111,15 @@ class PartitionResult:
     stats: dict = field(default_factory=dict)
 
 
-def failed_name(index: int) -> str:
-    return f"failed-{index:05d}.json"
+def partition_name(index: int) -> str:
+    return f"partition-{index:05d}.json"
+
+
+def inputs_digest(videos: Iterable[Video], captions: Iterable[Caption]) -> str:
+    """Identity of a partition's inputs; paths are left out so that a moved data root
+    does not count as a change."""
+    content = [[v.id for v in videos], [[c.text_id, c.video_id, c.text] for c in captions]]
+    return hashlib.sha256(json.dumps(content).encode("utf-8")).hexdigest()
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -197,6 +207,17 @@ def _loader_workers(config: ExtractConfig) -> int:
     return max(1, min(8, cores - 1))
 
 
+LOADER_NICE = 10
+
+
+def _lower_priority(_worker_id: int) -> None:
+    """Loader-worker init. Decoding should fill the cores the model leaves idle rather
+    than take cores from it: on a machine whose cores all run torch threads, a decoder at
+    equal priority makes one thread straggle and the others wait for it. (With spare
+    cores, as on a GPU machine, priority changes nothing.)"""
+    os.nice(LOADER_NICE)
+
+
 def _device(config: ExtractConfig) -> str:
     """This process's device: dask workers of a local cluster share the GPUs round-robin."""
     device = resolve_device(config.device)
@@ -232,6 +253,7 @@ def run_partition(job: PartitionJob) -> PartitionResult:
     loader = DataLoader(
         VideoFrames(job.videos, config, encoder.preprocess), batch_size=config.batch_size,
         num_workers=_loader_workers(config), collate_fn=collate_videos, pin_memory=encoder.device.startswith("cuda"),
+        worker_init_fn=_lower_priority,
     )
     stats: Counter = Counter()
     ok_ids, frames, masks, indices, failed = [], [], [], [], []
@@ -270,7 +292,7 @@ def run_partition(job: PartitionJob) -> PartitionResult:
 
     tick = time.perf_counter()
     split_dir = Path(job.split_dir)
-    write_json_atomic(split_dir / failed_name(job.index), failed)
+    write_json_atomic(split_dir / partition_name(job.index), {"inputs": inputs_digest(job.videos, job.captions), "failed": failed})
     shape = (0, meta.num_frames)
     records = [
         write_video_shard(
@@ -403,12 +425,15 @@ def _claim(split_dir: Path, config: ExtractConfig, weights: str) -> None:
     write_json_atomic(path, current)
 
 
-def _completed(split_dir: Path, index: int) -> PartitionResult | None:
+def _completed(split_dir: Path, index: int, digest: str) -> PartitionResult | None:
     names = [shard_name("videos", index), shard_name("texts", index)]
-    if not all((split_dir / n).is_file() for n in names) or not (split_dir / failed_name(index)).is_file():
+    if not all((split_dir / n).is_file() for n in [*names, partition_name(index)]):
         return None
-    failed = json.loads((split_dir / failed_name(index)).read_text())
-    return PartitionResult(index, [read_shard_record(split_dir / n) for n in names], failed)
+    done = json.loads((split_dir / partition_name(index)).read_text())
+    if done["inputs"] != digest:
+        log.info("%s: the inputs of partition %d changed since it was extracted; extracting it again", split_dir, index)
+        return None
+    return PartitionResult(index, [read_shard_record(split_dir / n) for n in names], done["failed"])
 
 
 @contextmanager
@@ -468,7 +493,7 @@ def extract_split(data: SplitData, config: ExtractConfig, out_root: Path, encode
     meta = build_meta(data, encoder, config)
     done, jobs = [], []
     for index, (videos, captions) in enumerate(plan_partitions(data, config.shard_size)):
-        complete = _completed(split_dir, index)
+        complete = _completed(split_dir, index, inputs_digest(videos, captions))
         if complete:
             done.append(complete)
         else:

@@ -228,7 +228,7 @@ def test_a_partition_whose_videos_all_failed_still_completes(messy_run):
     split_dir, _ = messy_run
     with h5py.File(split_dir / "videos-00001.h5", "r") as h5:
         assert h5["frames"].shape == (0, 8, 32)
-    assert len(json.loads((split_dir / "failed-00001.json").read_text())) == 3
+    assert len(json.loads((split_dir / "partition-00001.json").read_text())["failed"]) == 3
 
 
 # ------------------------------------------------------------------- resume and dask
@@ -270,6 +270,23 @@ def test_resume_keeps_failures_of_completed_partitions(messy_run, messy_msrvtt, 
     extract("--dataset", "msrvtt", "--data-root", messy_msrvtt, "--split", "test", "--out", out, "--model", tiny_model,
             "--pretrained", "none", "--num-frames", 8, "--shard-size", 3, expect=3)
     assert sorted(map(str, json.loads((split_dir / "manifest.json").read_text())["failed"])) == sorted(map(str, before))
+
+
+def test_resume_redoes_a_partition_whose_annotation_changed(tiny_model, tmp_path):
+    root = tmp_path / "msrvtt"
+    for i in (1, 2):
+        write_clip(root / "videos" / "all" / f"video{i}.mp4", demo_clip(SMALL_DEMO, i)[0])
+    csv = root / "MSRVTT_JSFUSION_test.csv"
+    csv.write_text("key,vid_key,video_id,sentence\nret0,msr1,video1,one\nret1,msr2,video2,two\n")
+    args = ["--dataset", "msrvtt", "--data-root", root, "--split", "test", "--out", tmp_path / "out", "--model",
+            tiny_model, "--pretrained", "none", "--shard-size", 1, "--loader-workers", 0]
+    extract(*args)
+    split_dir = tmp_path / "out" / "msrvtt" / "tiny-clip__none" / "test"
+    untouched = (split_dir / "texts-00000.h5").stat().st_mtime_ns
+    csv.write_text(csv.read_text().replace("two", '"two, corrected"'))
+    extract(*args)
+    assert load_split(split_dir).captions == ["one", "two, corrected"]
+    assert (split_dir / "texts-00000.h5").stat().st_mtime_ns == untouched
 
 
 def _same_features(split_dir: Path, reference: Path) -> None:
