@@ -175,15 +175,19 @@ def keyed_noise_numba(text_keys, video_keys, seed, trials, dim, normal, std):
     return out[..., :dim]
 
 
-def _make_kernel(normal: bool, audit: bool):
-    """Compile the fused kernel for one (prior, protocol): the flags are compile-time
+def _make_kernel(normal: bool, audit: bool, shared: bool):
+    """Compile the fused kernel for one (prior, protocol, noise): the flags are compile-time
     constants, so the hot loops carry no branches and vectorise (a runtime prior flag
     costs 12x on the uniform prior: Box-Muller's log/cos stop vectorisation even when
-    not taken). numba caches each specialisation on disk."""
+    not taken). With shared noise eps depends on (text, trial) only, so it is drawn once
+    per text outside the kernel and read from cache instead of running Philox per pair.
+    numba caches each specialisation on disk."""
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
-    def kernel(text, weights, u, z, consts, radius, own, text_keys, video_keys, seed, trials, std, dim, eps_attn, eps_out):
-        n_text, n_video, n_mix = weights.shape
+    def kernel(text, logits, frame_mask, u, z, consts, radius, own, eps_shared, text_keys, video_keys, seed, trials, std, dim, eps_attn, eps_out):
+        heads, n_text, n_video_frames = logits.shape
+        n_video, n_frames = frame_mask.shape
+        n_mix = heads * n_frames
         dimp = text.shape[1]  # dim padded to a multiple of 4
         blocks = dimp // 4
         b_out, a_b_out, a_one, shift, g_out, beta_out = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5]
@@ -191,15 +195,29 @@ def _make_kernel(normal: bool, audit: bool):
         for v in nb.prange(n_video):  # video-major: u[v], z[v] stay in cache across texts
             o = np.empty(dimp, dtype=np.float32)
             y = np.empty(dimp, dtype=np.float32)
+            weights = np.empty(n_mix, dtype=np.float32)
             v_lo, v_hi = np.uint32(video_keys[v] & _NB_MASK), np.uint32(video_keys[v] >> _NB_32)
             u_v, z_v = u[v], z[v]
             for t in range(n_text):
+                # -- attention: softmax over v's real frames, per head
+                for h in range(heads):
+                    top = np.float32(-np.inf)
+                    for f in range(n_frames):
+                        if frame_mask[v, f] and logits[h, t, v * n_frames + f] > top:
+                            top = logits[h, t, v * n_frames + f]
+                    total = np.float32(0.0)
+                    for f in range(n_frames):
+                        e = np.float32(math.exp(logits[h, t, v * n_frames + f] - top)) if frame_mask[v, f] else np.float32(0.0)
+                        weights[h * n_frames + f] = e
+                        total += e
+                    for f in range(n_frames):
+                        weights[h * n_frames + f] /= total
                 # -- pooling p(v|t): two weighted sums over frames, then both LayerNorms
                 for d in range(dimp):
                     o[d] = b_out[d]
                     y[d] = 0.0
                 for k in range(n_mix):
-                    w = weights[t, v, k]
+                    w = weights[k]
                     for d in range(dimp):
                         o[d] += w * u_v[k, d]
                         y[d] += w * z_v[k, d]
@@ -257,9 +275,12 @@ def _make_kernel(normal: bool, audit: bool):
                     c = np.float32(0.0)  # eps^2 . r^2
                     a_own = np.float32(0.0)  # eps . (r * own), audit only
                     for blk in range(blocks):
-                        x0, x1, x2, x3 = _philox_nb(np.uint32(m * blocks + blk), t_lo, t_hi, v_lo, v_hi, seed)
-                        e0, e1, e2, e3 = _eps4(x0, x1, x2, x3, normal, std)
                         d = 4 * blk
+                        if shared:
+                            e0, e1, e2, e3 = eps_shared[t, m, d], eps_shared[t, m, d + 1], eps_shared[t, m, d + 2], eps_shared[t, m, d + 3]
+                        else:
+                            x0, x1, x2, x3 = _philox_nb(np.uint32(m * blocks + blk), t_lo, t_hi, v_lo, v_hi, seed)
+                            e0, e1, e2, e3 = _eps4(x0, x1, x2, x3, normal, std)
                         r0, r1, r2, r3 = e0 * rr[d], e1 * rr[d + 1], e2 * rr[d + 2], e3 * rr[d + 3]
                         a += r0 * o[d] + r1 * o[d + 1] + r2 * o[d + 2] + r3 * o[d + 3]
                         b += r0 * tr[d] + r1 * tr[d + 1] + r2 * tr[d + 2] + r3 * tr[d + 3]
@@ -287,15 +308,17 @@ def _pad4(x: np.ndarray) -> np.ndarray:
     return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
 
 
-def pool_and_score(text, weights, u, z, consts, eps_attn, eps_out, radius, own, text_keys, video_keys, seed, trials, prior, prior_std):
-    """The CPU fast path of X-Pool/T-MASS scoring, fused: pooling, then sampling.
+def pool_and_score(text, logits, frame_mask, u, z, consts, eps_attn, eps_out, radius, own, text_keys, video_keys, seed, trials, prior, prior_std):
+    """The CPU fast path of X-Pool/T-MASS scoring, fused: attention, pooling, sampling.
 
-    text ``[n_text, dim]``; attention weights ``[n_text, n_video, heads*n_frames]``;
+    text ``[n_text, dim]``; attention logits ``[heads, n_text, n_video*n_frames]`` and
+    frame_mask ``[n_video, n_frames]`` (softmax over real frames happens here);
     the folded frame vectors u, z ``[n_video, heads*n_frames, dim]`` and consts
     ``[6, dim]`` (b_out, A b_out, A 1, shift, gamma_out, beta_out) of
     :class:`tmass.evaluate.scores.FoldedXPool`; radius = exp(R) ``[n_text, n_video, dim]``
     or None when not sampling; own ``[n_video, dim]`` or None (audit protocol);
-    keys uint64 ``[n_text]``, ``[n_video]`` -> scores ``[n_text, n_video]`` float32.
+    keys uint64 ``[n_text]``, ``[n_video]`` (all video keys 0: shared noise)
+    -> scores ``[n_text, n_video]`` float32.
 
     Per pair the work is O(heads * n_frames * dim) for the pooling and O(trials * dim)
     for the sampling, and neither the pooled videos nor eps ever exist in memory:
@@ -307,14 +330,19 @@ def pool_and_score(text, weights, u, z, consts, eps_attn, eps_out, radius, own, 
     """
     dim = text.shape[-1]
     sampling = radius is not None and trials > 0
-    key = (prior == "normal", own is not None)
+    shared = sampling and not np.any(video_keys)
+    key = (prior == "normal" and not shared, own is not None, shared)
     if key not in _KERNELS:
         _KERNELS[key] = _make_kernel(*key)
     dimp = dim + (-dim % 4)
     return _KERNELS[key](
-        _pad4(text), np.ascontiguousarray(weights, dtype=np.float32), _pad4(u), _pad4(z), _pad4(consts),
+        _pad4(text), np.ascontiguousarray(logits, dtype=np.float32), np.ascontiguousarray(frame_mask, dtype=np.bool_),
+        _pad4(u), _pad4(z), _pad4(consts),
         _pad4(radius) if sampling else np.empty((0, 0, dimp), np.float32),
         _pad4(own) if own is not None else np.empty((0, dimp), np.float32),
+        _pad4(keyed_noise_numba(np.asarray(text_keys, dtype=np.uint64), np.zeros(1, np.uint64), np.uint32(int(seed) & _MASK32),
+                                int(trials), dim, prior == "normal", np.float32(prior_std))[:, 0])
+        if shared else np.empty((0, 0, dimp), np.float32),
         np.asarray(text_keys, dtype=np.uint64), np.asarray(video_keys, dtype=np.uint64),
         np.uint32(int(seed) & _MASK32), int(trials) if sampling else 0, np.float32(prior_std), dim,
         np.float32(eps_attn), np.float32(eps_out),

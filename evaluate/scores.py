@@ -123,7 +123,9 @@ class FoldedXPool:
         n_video, n_frames, dim = frames.shape
         heads, head_dim = fusion.num_heads, fusion.head_dim
         normed = fusion.norm_in(frames)
-        self.keys = fusion.k_proj(normed).view(n_video, n_frames, heads, head_dim)
+        # head-major keys [heads, n_video, n_frames, head_dim]: a chunk's logits are one
+        # strided GEMM per head, with no copy of the keys
+        self.keys = fusion.k_proj(normed).view(n_video, n_frames, heads, head_dim).permute(2, 0, 1, 3).contiguous()
         values = fusion.v_proj(normed).view(n_video, n_frames, heads, head_dim)
         w_out = fusion.out_proj.weight.view(dim, heads, head_dim)
         self.u = torch.einsum("dhc,vfhc->vhfd", w_out, values).reshape(n_video, heads * n_frames, dim)
@@ -138,21 +140,23 @@ class FoldedXPool:
             fusion.norm_out.weight,
             fusion.norm_out.bias,
         ))  # [6, dim]
-        self.frame_mask = frame_mask
 
-    def attention(self, text: torch.Tensor, videos: slice) -> torch.Tensor:
-        """text ``[n_text, dim]`` -> attention weights ``[n_text, n_video_chunk, heads*n_frames]``."""
+    def logits(self, text: torch.Tensor, videos: slice) -> torch.Tensor:
+        """Scaled dot products of each text's query with each frame's key, one GEMM per
+        head: text ``[n_text, dim]`` -> ``[heads, n_text, n_video_chunk * n_frames]``
+        (the masked softmax over frames happens in the kernel)."""
         fusion = self.fusion
-        n_text = text.shape[0]
-        q = fusion.q_proj(fusion.norm_in(text)).view(n_text, fusion.num_heads, fusion.head_dim)
-        logits = torch.einsum("thc,vfhc->tvhf", q, self.keys[videos]) / fusion.head_dim**0.5
-        if self.frame_mask is not None:
-            logits = logits.masked_fill(~self.frame_mask[videos][None, :, None, :], float("-inf"))
-        return logits.softmax(dim=-1).flatten(2)
+        heads, _, _, head_dim = self.keys.shape
+        q = fusion.q_proj(fusion.norm_in(text)).view(len(text), heads, head_dim).transpose(0, 1)  # [heads, n_text, head_dim]
+        keys = self.keys[:, videos].flatten(1, 2)  # [heads, n_vc*n_frames, head_dim]
+        return q @ keys.transpose(1, 2) / head_dim**0.5
+
+
+VIDEOS_PER_CHUNK = 256  # tiles of many texts x some videos keep the logits GEMM well-shaped
 
 
 def _chunks(n_text: int, n_video: int, chunk_pairs: int):
-    video_step = max(1, min(n_video, chunk_pairs))
+    video_step = max(1, min(n_video, chunk_pairs, VIDEOS_PER_CHUNK))
     text_step = max(1, chunk_pairs // video_step)
     for v0 in range(0, n_video, video_step):
         for t0 in range(0, n_text, text_step):
@@ -218,6 +222,9 @@ def score_matrix(
     if config.path == "fast" and device.type == "cpu" and isinstance(head.pooling, XPoolFusion):
         folded = FoldedXPool(head.pooling, frames, frame_mask)
 
+    # S(t, v) in the fast path: unit frames once per gallery, one GEMM per chunk
+    unit_frames = F.normalize(frames, dim=-1) if sampling and folded is not None else None
+
     scores = np.empty((n_text, n_video), dtype=np.float32)
     chunk_pairs = config.chunk_pairs
     if sampling and folded is None:
@@ -228,11 +235,18 @@ def score_matrix(
         t, f = text[ts], frames[vs]
         m = frame_mask[vs] if frame_mask is not None else None
         own = own_pooled[vs] if own_pooled is not None else None
-        radius = head.radius(frame_similarity(t, f, m)).exp() if sampling else None  # [n_tc, n_vc, dim or 1]
+        radius = None  # exp(R): [n_tc, n_vc, dim or 1]
+        if sampling and unit_frames is not None:
+            sims = (F.normalize(t, dim=-1) @ unit_frames[vs].flatten(0, 1).T).view(len(t), len(f), -1)
+            radius = head.radius(sims if m is None else sims * m).exp_()  # = frame_similarity(t, f, m)
+        elif sampling:
+            radius = head.radius(frame_similarity(t, f, m)).exp()
         if folded is not None:
             fusion = head.pooling
             chunk = torch.from_numpy(pool_and_score(
-                t.numpy(), folded.attention(t, vs).numpy(), folded.u[vs].numpy(), folded.z[vs].numpy(),
+                t.numpy(), folded.logits(t, vs).numpy(),
+                (m if m is not None else torch.ones(f.shape[:2], dtype=torch.bool)).numpy(),
+                folded.u[vs].numpy(), folded.z[vs].numpy(),
                 folded.consts.numpy(), fusion.norm_attn.eps, fusion.norm_out.eps,
                 radius.expand(-1, -1, t.shape[1]).numpy() if sampling else None,
                 own.numpy() if own is not None else None,
