@@ -10,7 +10,10 @@ from pathlib import Path
 import click
 
 from tmass.extract.datasets import ADAPTERS, CHARADES_FIELDS, SPLITS
+from tmass.extract.runner import ExtractConfig
 from tmass.extract.video import SAMPLING_MODES
+
+DEFAULTS = ExtractConfig()  # the papers' protocol; one source for options and config
 
 EXIT_SKIPPED = 3  # finished, but some inputs were skipped (listed in the manifest's `failed`)
 
@@ -25,32 +28,32 @@ class _TqdmHandler(logging.Handler):
 
 
 @click.command()
-@click.option("--dataset", type=click.Choice(list(ADAPTERS)), default="demo", show_default=True,
+@click.option("--dataset", type=click.Choice(list(ADAPTERS)), default=DEFAULTS.dataset, show_default=True,
               help="Annotation format to read (see tmass.extract.datasets for each layout).")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Dataset directory. [default: data/<dataset>; the demo renders itself there]")
 @click.option("--split", type=click.Choice([*SPLITS, "all"]), default="all", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Features root: writes OUT/<dataset>/<model>__<weights>/<split>/.")
-@click.option("--model", default="ViT-B-32", show_default=True,
+@click.option("--model", default=DEFAULTS.model, show_default=True,
               help="open_clip architecture (ViT-B-16 is the paper's second backbone) or a model-config JSON file.")
-@click.option("--pretrained", default="openai", show_default=True,
+@click.option("--pretrained", default=DEFAULTS.pretrained, show_default=True,
               help="open_clip pretrained tag, local checkpoint path, 'none' (random init) or 'auto' (demo only).")
-@click.option("--num-frames", type=click.IntRange(1), default=12, show_default=True)
-@click.option("--sampling", type=click.Choice(SAMPLING_MODES), default="uniform", show_default=True,
+@click.option("--num-frames", type=click.IntRange(1), default=DEFAULTS.num_frames, show_default=True)
+@click.option("--sampling", type=click.Choice(SAMPLING_MODES), default=DEFAULTS.sampling, show_default=True,
               help="Segment middles (the papers' protocol) or a random frame per segment.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True,
               help="Videos per image-encoder batch (each contributes --num-frames images).")
-@click.option("--shard-size", type=click.IntRange(1), default=512, show_default=True,
+@click.option("--shard-size", type=click.IntRange(1), default=DEFAULTS.shard_size, show_default=True,
               help="Videos per partition (one shard pair each; the unit of resuming and of dask tasks).")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
               help="Start a local dask cluster of N worker processes (0: run in this process). "
                    "On a GPU machine give one per GPU: worker i uses GPU i mod n_gpus.")
 @click.option("--scheduler", default=None, help="Join an existing dask cluster at this address instead.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default=DEFAULTS.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--loader-workers", type=click.IntRange(0), default=None,
               help="Decode processes per runner. [default: cores - 1, at most 8]")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
               help="Seeds random frame sampling and random-init weights.")
 @click.option("--caption-field", type=click.Choice(CHARADES_FIELDS), default=None,
               help="charades only: the column used as caption. [default: script]")
@@ -66,7 +69,7 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
     """
     from tmass.extract.datasets import LayoutError, load_split
     from tmass.extract.encoder import AUTO, EncoderError, get_encoder
-    from tmass.extract.runner import ConfigMismatch, ExtractConfig, dask_distributor, extract_split, run_sequential, share_cores
+    from tmass.extract.runner import ConfigMismatch, dask_distributor, extract_split, run_sequential, share_cores
 
     log = logging.getLogger("tmass.extract")
     log.setLevel(logging.DEBUG)
