@@ -411,18 +411,15 @@ class ConfigMismatch(Exception):
 def _claim(split_dir: Path, config: ExtractConfig, weights: str) -> None:
     """Pin the settings of this split directory, refusing to mix runs with different ones."""
     path = split_dir / CONFIG_FILE
-    current = {"config": dataclasses.asdict(config), "weights": weights}
+    identity = {key: getattr(config, key) for key in IDENTITY} | {"weights": weights}
     if path.is_file():
-        previous = json.loads(path.read_text())
-        keys = [*IDENTITY, "weights"]
-        old = {**previous["config"], "weights": previous.get("weights")}
-        new = {**current["config"], "weights": weights}
-        differ = [f"{k}: {old.get(k)!r} then, {new[k]!r} now" for k in keys if old.get(k) != new[k]]
+        before = json.loads(path.read_text())["identity"]
+        differ = [f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in identity.items() if before.get(k) != v]
         if differ:
             raise ConfigMismatch(f"{split_dir} holds features extracted with other settings ({'; '.join(differ)}); "
                                  "use another --out or delete that directory")
     split_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, current)
+    write_json_atomic(path, {"identity": identity, "config": dataclasses.asdict(config)})
 
 
 def _completed(split_dir: Path, index: int, digest: str) -> PartitionResult | None:
