@@ -190,7 +190,7 @@ def _make_kernel(normal: bool, audit: bool, shared: bool):
         n_mix = heads * n_frames
         dimp = text.shape[1]  # dim padded to a multiple of 4
         blocks = dimp // 4
-        b_out, a_b_out, a_one, shift, g_out, beta_out = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5]
+        bias, lin_bias, lin_shift, g_attn, b_attn, g_out, b_out = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5], consts[6]
         scores = np.empty((n_text, n_video), dtype=np.float32)
         for v in nb.prange(n_video):  # video-major: u[v], z[v] stay in cache across texts
             o = np.empty(dimp, dtype=np.float32)
@@ -212,25 +212,22 @@ def _make_kernel(normal: bool, audit: bool, shared: bool):
                         total += e
                     for f in range(n_frames):
                         weights[h * n_frames + f] /= total
-                # -- pooling p(v|t): two weighted sums over frames, then both LayerNorms
+                # -- pooling p(v|t): two weighted sums over frames (u is centred, so
+                # norm_attn needs only the mean square), the residual, then norm_out
                 for d in range(dimp):
-                    o[d] = b_out[d]
-                    y[d] = 0.0
+                    o[d] = bias[d]
+                    y[d] = lin_bias[d]
                 for k in range(n_mix):
                     w = weights[k]
                     for d in range(dimp):
                         o[d] += w * u_v[k, d]
                         y[d] += w * z_v[k, d]
-                mean = np.float32(0.0)
+                square = np.float32(0.0)
                 for d in range(dim):
-                    mean += o[d]
-                mean /= dim
-                var = np.float32(0.0)
-                for d in range(dim):
-                    var += (o[d] - mean) * (o[d] - mean)
-                rstd = np.float32(1.0 / math.sqrt(var / dim + eps_attn))
+                    square += o[d] * o[d]
+                rstd = np.float32(1.0 / math.sqrt(square / dim + eps_attn))
                 for d in range(dimp):
-                    y[d] = (y[d] + a_b_out[d] - mean * a_one[d]) * rstd + shift[d]
+                    y[d] = g_attn[d] * o[d] * rstd + b_attn[d] + y[d] * rstd + lin_shift[d]
                 mean = np.float32(0.0)
                 for d in range(dim):
                     mean += y[d]
@@ -240,7 +237,7 @@ def _make_kernel(normal: bool, audit: bool, shared: bool):
                     var += (y[d] - mean) * (y[d] - mean)
                 rstd = np.float32(1.0 / math.sqrt(var / dim + eps_out))
                 for d in range(dimp):  # o now holds p(v|t); padding stays 0 (zero gamma, beta)
-                    o[d] = g_out[d] * (y[d] - mean) * rstd + beta_out[d]
+                    o[d] = g_out[d] * (y[d] - mean) * rstd + b_out[d]
 
                 # -- score: cos(t, p), or the best of `trials` samples of the text mass
                 tr = text[t]
@@ -314,8 +311,8 @@ def pool_and_score(text, logits, frame_mask, u, z, consts, eps_attn, eps_out, ra
     text ``[n_text, dim]``; attention logits ``[heads, n_text, n_video*n_frames]`` and
     frame_mask ``[n_video, n_frames]`` (softmax over real frames happens here);
     the folded frame vectors u, z ``[n_video, heads*n_frames, dim]`` and consts
-    ``[6, dim]`` (b_out, A b_out, A 1, shift, gamma_out, beta_out) of
-    :class:`tmass.evaluate.scores.FoldedXPool`; radius = exp(R) ``[n_text, n_video, dim]``
+    ``[7, dim]`` of :class:`tmass.evaluate.scores.FoldedXPool` (see
+    :func:`tmass.train.folded.fold_frames`); radius = exp(R) ``[n_text, n_video, dim]``
     or None when not sampling; own ``[n_video, dim]`` or None (audit protocol);
     keys uint64 ``[n_text]``, ``[n_video]`` (all video keys 0: shared noise)
     -> scores ``[n_text, n_video]`` float32.

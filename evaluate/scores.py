@@ -49,6 +49,7 @@ from tqdm import tqdm
 from tmass.evaluate.metrics import dual_softmax, retrieval_metrics
 from tmass.evaluate.sampling import id_keys, keyed_noise, pool_and_score
 from tmass.features.format import SplitArrays
+from tmass.train.folded import fold_frames
 from tmass.train.heads import Head, XPoolFusion, frame_similarity
 
 PROTOCOLS = ("leak-free", "reference")
@@ -103,43 +104,30 @@ def sample_scores_torch(text, radius, pooled, own, eps) -> torch.Tensor:
 
 
 class FoldedXPool:
-    """X-Pool's video side with the dim x dim maps folded into per-frame vectors.
+    """X-Pool on a fixed gallery, folded for the CPU kernel.
 
-    For head h and frame f of video v (eval mode: dropout is the identity)::
+    out_proj, the LayerNorm affine and the residual linear commute with the attention-
+    weighted sum over frames, so they are applied once per frame
+    (:func:`tmass.train.folded.fold_frames`, the same folding training uses); per pair
+    only the attention logits (one GEMM per chunk, here) and two weighted sums over
+    frames remain (in :func:`tmass.evaluate.sampling.pool_and_score`). The tests hold
+    the result equal to ``XPoolFusion.forward``."""
 
-        U[v,hf] = W_out[:, h] @ value[v,f,h]           out_proj applied per frame
-        Z[v,hf] = A @ U[v,hf],  A = (I + W_lin) diag(gamma_attn)
-        o(t,v)  = sum_hf w[t,v,hf] U[v,hf] + b_out      = out_proj(attention)
-        y(t,v)  = (sum_hf w Z + A b_out - mean(o) A 1) / std(o) + (I + W_lin) beta_attn + b_lin
-        p(v|t)  = LayerNorm_out(y)
-
-    Only the attention weights w and the two weighted sums depend on the pair. The
-    pair part runs in :func:`tmass.evaluate.sampling.pool_and_score`; the tests hold the
-    result equal to ``XPoolFusion.forward``."""
-
-    def __init__(self, fusion: XPoolFusion, frames: torch.Tensor, frame_mask: torch.Tensor | None):
-        """frames ``[n_video, n_frames, dim]``, frame_mask ``[n_video, n_frames]``."""
+    def __init__(self, fusion: XPoolFusion, frames: torch.Tensor):
+        """frames ``[n_video, n_frames, dim]``."""
         self.fusion = fusion
-        n_video, n_frames, dim = frames.shape
+        n_video, n_frames, _ = frames.shape
         heads, head_dim = fusion.num_heads, fusion.head_dim
-        normed = fusion.norm_in(frames)
         # head-major keys [heads, n_video, n_frames, head_dim]: a chunk's logits are one
         # strided GEMM per head, with no copy of the keys
+        normed = fusion.norm_in(frames)
         self.keys = fusion.k_proj(normed).view(n_video, n_frames, heads, head_dim).permute(2, 0, 1, 3).contiguous()
-        values = fusion.v_proj(normed).view(n_video, n_frames, heads, head_dim)
-        w_out = fusion.out_proj.weight.view(dim, heads, head_dim)
-        self.u = torch.einsum("dhc,vfhc->vhfd", w_out, values).reshape(n_video, heads * n_frames, dim)
-        lin = torch.eye(dim, dtype=frames.dtype) + fusion.linear_proj.weight
-        a = lin * fusion.norm_attn.weight[None, :]
-        self.z = self.u @ a.T
+        folded = fold_frames(fusion, frames)
+        self.u, self.z = folded.u, folded.z
         self.consts = torch.stack((
-            fusion.out_proj.bias,
-            a @ fusion.out_proj.bias,
-            a.sum(dim=1),
-            lin @ fusion.norm_attn.bias + fusion.linear_proj.bias,
-            fusion.norm_out.weight,
-            fusion.norm_out.bias,
-        ))  # [6, dim]
+            folded.bias, folded.lin_bias, folded.lin_shift,
+            fusion.norm_attn.weight, fusion.norm_attn.bias, fusion.norm_out.weight, fusion.norm_out.bias,
+        ))  # [7, dim], the order pool_and_score reads them in
 
     def logits(self, text: torch.Tensor, videos: slice) -> torch.Tensor:
         """Scaled dot products of each text's query with each frame's key, one GEMM per
@@ -220,7 +208,7 @@ def score_matrix(
     # pass is fast enough and the sampling runs with materialised eps.
     folded = None
     if config.path == "fast" and device.type == "cpu" and isinstance(head.pooling, XPoolFusion):
-        folded = FoldedXPool(head.pooling, frames, frame_mask)
+        folded = FoldedXPool(head.pooling, frames)
 
     # S(t, v) in the fast path: unit frames once per gallery, one GEMM per chunk
     unit_frames = F.normalize(frames, dim=-1) if sampling and folded is not None else None

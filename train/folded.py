@@ -26,9 +26,39 @@ name; nothing here is learned separately.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tmass.train.heads import XPoolFusion
+
+
+@dataclass
+class FoldedFrames:
+    """The per-frame half of the folding (see the module doc), for one gallery.
+
+    u, z ``[n_video, heads*n_frames, dim]``; bias, lin_bias, lin_shift ``[dim]``:
+    centre(b_out), W_lin (gamma * centre(b_out)) and W_lin beta + b_lin. Shared by
+    training (:func:`folded_xpool`) and the evaluator's CPU kernel."""
+
+    u: torch.Tensor
+    z: torch.Tensor
+    bias: torch.Tensor
+    lin_bias: torch.Tensor
+    lin_shift: torch.Tensor
+
+
+def fold_frames(fusion: XPoolFusion, frames: torch.Tensor) -> FoldedFrames:
+    """frames ``[n_video, n_frames, dim]`` -> their folded vectors (per frame, not per pair)."""
+    n_video, n_frames, dim = frames.shape
+    heads, head_dim = fusion.num_heads, fusion.head_dim
+    values = fusion.v_proj(fusion.norm_in(frames)).view(n_video, n_frames, heads, head_dim)
+    w_out = fusion.out_proj.weight.view(dim, heads, head_dim)
+    u = torch.einsum("dhc,vfhc->vhfd", w_out, values).reshape(n_video, heads * n_frames, dim)
+    u = u - u.mean(dim=-1, keepdim=True)
+    bias = fusion.out_proj.bias - fusion.out_proj.bias.mean()
+    gamma, beta, w_lin = fusion.norm_attn.weight, fusion.norm_attn.bias, fusion.linear_proj.weight
+    return FoldedFrames(u, (u * gamma) @ w_lin.T, bias, w_lin @ (gamma * bias), w_lin @ beta + fusion.linear_proj.bias)
 
 
 def folded_xpool(fusion: XPoolFusion, text: torch.Tensor, frames: torch.Tensor,
@@ -37,21 +67,11 @@ def folded_xpool(fusion: XPoolFusion, text: torch.Tensor, frames: torch.Tensor,
 
     text ``[n_text, dim]``, frames ``[n_video, n_frames, dim]``, frame_mask
     ``[n_video, n_frames]`` -> pooled ``[n_text, n_video, dim]``."""
-    n_video, n_frames, dim = frames.shape
-    heads, head_dim = fusion.num_heads, fusion.head_dim
     weights = fusion.attention_weights(text, frames, frame_mask).flatten(2)  # [n_text, n_video, heads*n_frames]
-    values = fusion.v_proj(fusion.norm_in(frames)).view(n_video, n_frames, heads, head_dim)
-    w_out = fusion.out_proj.weight.view(dim, heads, head_dim)
-    u = torch.einsum("dhc,vfhc->vhfd", w_out, values).reshape(n_video, heads * n_frames, dim)
-    u = u - u.mean(dim=-1, keepdim=True)  # [n_video, heads*n_frames, dim]
-    bias = fusion.out_proj.bias - fusion.out_proj.bias.mean()
-    gamma, beta, w_lin = fusion.norm_attn.weight, fusion.norm_attn.bias, fusion.linear_proj.weight
-    z = (u * gamma) @ w_lin.T  # [n_video, heads*n_frames, dim]
-
-    centred = torch.einsum("tvk,vkd->tvd", weights, u) + bias  # [n_text, n_video, dim]
+    folded = fold_frames(fusion, frames)
+    centred = torch.einsum("tvk,vkd->tvd", weights, folded.u) + folded.bias  # [n_text, n_video, dim]
     inv_std = (centred.pow(2).mean(dim=-1, keepdim=True) + fusion.norm_attn.eps).rsqrt()
-    pooled = centred * inv_std * gamma + beta
-    linear = (torch.einsum("tvk,vkd->tvd", weights, z) + w_lin @ (gamma * bias)) * inv_std
-    linear = linear + (w_lin @ beta + fusion.linear_proj.bias)
+    pooled = centred * inv_std * fusion.norm_attn.weight + fusion.norm_attn.bias
+    linear = (torch.einsum("tvk,vkd->tvd", weights, folded.z) + folded.lin_bias) * inv_std + folded.lin_shift
     # contiguous: dropout then fills its mask in the same element order as the module's
     return fusion.norm_out(pooled + fusion.dropout(linear.contiguous()))
