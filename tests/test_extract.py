@@ -161,6 +161,21 @@ def test_embeddings_equal_open_clip_on_its_own_preprocessing(demo_features, demo
     np.testing.assert_allclose(arrays.text_embeddings[text_row].astype(np.float32), text[0], rtol=2e-3, atol=2e-3)
 
 
+def test_random_sampling_through_the_pipeline_is_recorded_and_reproducible(tiny_model, demo_root, tmp_path):
+    args = ["--dataset", "demo", "--data-root", demo_root, "--model", tiny_model, "--pretrained", "none",
+            "--split", "test", "--num-frames", 4, "--sampling", "random", "--loader-workers", 0]
+    indices = []
+    for run in ("a", "b"):
+        extract(*args, "--out", tmp_path / run)
+        split_dir = tmp_path / run / "demo" / "tiny-clip__none" / "test"
+        assert json.loads((split_dir / "manifest.json").read_text())["meta"]["frame_sampling"] == "random"
+        indices.append(_shards(split_dir, "videos")["frame_index"])
+    segment = int(SMALL_DEMO.fps * SMALL_DEMO.seconds) // 4  # clips of 20 frames divide evenly
+    assert np.array_equal(indices[0], indices[1])
+    assert ((indices[0] // segment) == np.arange(4)).all()  # one frame from each segment
+    assert len({tuple(row) for row in indices[0]}) > 1  # ... a different one per video
+
+
 # --------------------------------------------------------------------------- bad input
 
 
