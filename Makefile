@@ -4,7 +4,7 @@ PYTHON    ?= python3
 PIP       ?= $(PYTHON) -m pip
 STAMP     := .make/installed
 
-.PHONY: install test demo clean-demo bench-train extract bench-extract
+.PHONY: install test demo clean-demo bench-train extract bench-extract bench-eval
 .DEFAULT_GOAL := demo
 
 # Install the package (editable) with its test extras, pinned to the versions CI uses.
@@ -51,3 +51,9 @@ extract: $(STAMP)
 # (random-init MODEL on CPU, MSR-VTT-sized rendered clips).
 bench-extract: $(STAMP)
 	$(PYTHON) -m tmass.extract.bench --model $(MODEL)
+
+# Seconds and peak memory of T-MASS inference (M = 20) at the MSR-VTT 1k-A and VATEX test
+# scales, fast path beside the naive reference. BENCH_EVAL_ARGS=--quick: MSR-VTT only.
+BENCH_EVAL_ARGS ?=
+bench-eval: $(STAMP)
+	$(PYTHON) -m tmass.evaluate.bench $(BENCH_EVAL_ARGS)
