@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from tmass import __version__
+from tmass.evaluate.scores import EvalConfig, evaluate_head, resolve_device
 from tmass.features.format import SplitArrays, load_split
 from tmass.train.data import PairData, epoch_order, split_validation
 from tmass.train.heads import Head, HeadConfig
@@ -136,12 +137,6 @@ def resolve_configs(cfg: TrainConfig, head_cfg: HeadConfig, arrays: SplitArrays)
         head_cfg, embed_dim=meta.embed_dim, num_frames=meta.num_frames, logit_scale=float(meta.logit_scale)
     )
     return cfg, head_cfg
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -257,8 +252,6 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Hea
 def _evaluate(head: Head, arrays: SplitArrays, trials: int, seed: int, device: torch.device) -> dict:
     """Leak-free retrieval metrics of ``head`` on a split, leaving the training state as
     it was: train/eval mode and every random generator."""
-    from tmass.evaluate import EvalConfig, evaluate_head
-
     was_training = head.training
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
