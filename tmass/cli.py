@@ -10,7 +10,7 @@ from tmass import __version__
 from tmass.extract.cli import extract
 from tmass.evaluate.cli import evaluate
 from tmass.features.cli import features
-from tmass.train.cli import train
+from tmass.train.cli import ablate, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,3 +30,4 @@ main.add_command(features)
 main.add_command(extract)
 main.add_command(train)
 main.add_command(evaluate)
+main.add_command(ablate)

@@ -1,0 +1,251 @@
+"""The paper's ablations as sweeps on cached features (``tmass ablate``, ``make ablate``).
+
+A sweep is a named list of variants; each variant is a training configuration plus an
+evaluation setting, run for several seeds. Variants that train the same configuration
+share their runs (T-MASS with the linear radius, s+sup losses and alpha 0.8 is the same
+model in Tables 4, 5 and 6 and Fig. 6), and finished runs and evaluations are reused, so
+a sweep can be interrupted and restarted, and sweeps can be added one at a time.
+
+    radius    Table 5   w/o R (X-Pool) | R = S | R = theta S | R = W S + b
+    loss      Table 6   L_ce on t (X-Pool) | L_ce + L_s | L_s | L_s + alpha L_sup
+    trials    Table 4   M = 0 (w/o sampling), 5, 10, 20 on the final model
+    support   Fig. 6    alpha in 0, 0.2, ..., 1.0 (X-Pool as reference)
+    frames    Fig. 7    4, 8, 12 frames (cached frames uniformly subsampled)
+
+Every number is from the leak-free evaluator on the features' test split, with
+checkpoints selected on a validation hold-out of the train split. ``with_reference``
+adds the audit protocol's R@1 beside it, labelled. Outputs per sweep: ``<sweep>.md``
+and ``<sweep>.csv`` (mean ± std over seeds) and ``<sweep>.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("R1", "R5", "R10", "MdR", "MnR")
+FINAL = {"head": {"head": "tmass", "radius": "linear"}, "train": {"loss_terms": ("s", "sup"), "support_weight": 0.8}}
+XPOOL = {"head": {"head": "xpool"}, "train": {"loss_terms": ("ce",)}}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a sweep: what to train (overrides of HeadConfig / TrainConfig, the
+    number of frames kept) and how to evaluate it (trials)."""
+
+    name: str
+    head: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    frames: int | None = None
+    trials: int = 20
+    x: float | None = None  # position on a line plot's axis
+
+    def run_key(self) -> str:
+        """Runs are shared by variants that train the same thing."""
+        parts = [self.head.get("head", "tmass")]
+        for key, value in sorted({**self.head, **self.train}.items()):
+            if key != "head":
+                parts.append(f"{key}={','.join(value) if isinstance(value, tuple) else value}")
+        if self.frames:
+            parts.append(f"frames={self.frames}")
+        return "_".join(parts).replace("/", "-")
+
+
+def _final(name: str, **changes) -> Variant:
+    head = {**FINAL["head"], **changes.pop("head", {})}
+    train = {**FINAL["train"], **changes.pop("train", {})}
+    return Variant(name, head, train, **changes)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    title: str
+    variants: tuple[Variant, ...]
+    x_label: str | None = None  # None: categorical (bars); else a line plot over Variant.x
+
+
+SWEEPS = {
+    "radius": Sweep("radius", "Table 5: similarity-aware radius", (
+        Variant("w/o R (X-Pool)", **XPOOL),
+        _final("R = S (sim)", head={"radius": "sim"}),
+        _final("R = theta S (scalar)", head={"radius": "scalar"}),
+        _final("R = W S + b (linear)"),
+    )),
+    "loss": Sweep("loss", "Table 6: text representation and loss terms", (
+        Variant("t, L_ce (X-Pool)", **XPOOL),
+        _final("t_s, L_ce + L_s", train={"loss_terms": ("ce", "s")}),
+        _final("t_s, L_s", train={"loss_terms": ("s",)}),
+        _final("t_s, L_s + a L_sup"),
+    )),
+    "trials": Sweep("trials", "Table 4: sampling trials M at inference", tuple(
+        _final("w/o sampling" if m == 0 else f"M = {m}", trials=m, x=m) for m in (0, 5, 10, 20)
+    ), x_label="trials M"),
+    "support": Sweep("support", "Fig. 6: support text weight alpha", tuple(
+        _final(f"alpha = {a:g}", train={"support_weight": a}, x=a) for a in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    ), x_label="support weight alpha"),
+    "frames": Sweep("frames", "Fig. 7: frames per video", tuple(
+        _final(f"{n} frames", frames=n, x=n) for n in (4, 8, 12)
+    ), x_label="frames per video"),
+}
+
+
+@dataclass
+class SweepConfig:
+    """Settings shared by every run of a sweep. Defaults are the paper's training
+    settings; ``make ablate`` shortens them (see the Makefile) to fit a CPU."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 5
+    lr: float = 1e-5
+    batch_size: int = 32
+    jobs: int = 1  # training runs in parallel (processes); threads are split between them
+    with_reference: bool = False
+    device: str = "auto"
+
+
+def subsample_frames(features: Path, out: Path, n_frames: int) -> Path:
+    """A copy of a features directory keeping ``n_frames`` of each video's cached frames,
+    uniformly spaced (Fig. 7). Written once, reused."""
+    from tmass.features.format import load_split, shard_name, write_manifest, write_text_shard, write_video_shard
+
+    if all((out / split / "manifest.json").exists() for split in ("train", "test")):
+        return out
+    for split in ("train", "test"):
+        arrays = load_split(features / split)
+        keep = np.linspace(0, arrays.frames.shape[1] - 1, n_frames).round().astype(int)
+        meta = dataclasses.replace(arrays.meta, num_frames=n_frames,
+                                   extra={**arrays.meta.extra, "subsampled_from": str(features), "frames_kept": keep.tolist()})
+        owner = [arrays.video_ids[i] for i in arrays.text_to_video]
+        records = [
+            write_video_shard(out / split / shard_name("videos", 0), meta, arrays.video_ids,
+                              arrays.frames[:, keep], arrays.frame_mask[:, keep]),
+            write_text_shard(out / split / shard_name("texts", 0), meta, arrays.text_ids, owner,
+                             arrays.captions, arrays.text_embeddings),
+        ]
+        write_manifest(out / split, meta, records)
+    return out
+
+
+def _train_one(job: tuple) -> str:
+    """Train one (variant, seed) run unless it already finished; runs in a worker process."""
+    features, run_dir, head_overrides, train_overrides, threads = job
+    import torch
+
+    from tmass.train.heads import HeadConfig
+    from tmass.train.trainer import TrainConfig, train
+
+    torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.json").exists():
+        return str(run_dir)
+    resume = (run_dir / "last.pt").exists()
+    train(Path(features), run_dir, TrainConfig(**train_overrides), HeadConfig(**head_overrides),
+          resume=resume, progress=False)
+    return str(run_dir)
+
+
+def _evaluate_run(run_dir: Path, features: Path, trials: int, protocol: str, device: str) -> dict:
+    """Leak-free (or audit) test metrics of a run's best.pt, cached in the run directory."""
+    cache = run_dir / f"eval-{protocol}-m{trials}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from tmass.evaluate.scores import EvalConfig, evaluate_head
+    from tmass.features.format import load_split
+    from tmass.train.trainer import load_checkpoint
+
+    head, _ = load_checkpoint(run_dir / "best.pt")
+    report = evaluate_head(head, load_split(features / "test"),
+                           EvalConfig(trials=trials, protocol=protocol, device=device, progress=False))
+    cache.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) -> dict[str, list[dict]]:
+    """Train what is missing, evaluate, write tables and plots; returns the rows per sweep."""
+    from tqdm import tqdm
+
+    features, out = Path(features), Path(out)
+    sweeps = [SWEEPS[n] for n in names]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep-config.json").write_text(json.dumps({"features": str(features), "sweeps": names,
+                                                       **dataclasses.asdict(cfg)}, indent=2) + "\n")
+
+    def features_for(variant: Variant) -> Path:
+        return subsample_frames(features, out / f"features-{variant.frames}f", variant.frames) if variant.frames else features
+
+    def run_dir(variant: Variant, seed: int) -> Path:
+        return out / "runs" / variant.run_key() / f"seed{seed}"
+
+    jobs, seen = [], set()
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    for sweep in sweeps:
+        for variant in sweep.variants:
+            for seed in cfg.seeds:
+                target = run_dir(variant, seed)
+                if target in seen:
+                    continue
+                seen.add(target)
+                train_overrides = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": seed,
+                                   "final_eval": False, "device": cfg.device, **variant.train}
+                jobs.append((str(features_for(variant)), str(target), variant.head, train_overrides, threads))
+    with ProcessPoolExecutor(max_workers=cfg.jobs) as pool:
+        list(tqdm(pool.map(_train_one, jobs), total=len(jobs), desc="training runs", unit="run"))
+
+    results = {}
+    for sweep in sweeps:
+        rows = []
+        for variant in sweep.variants:
+            reports = [_evaluate_run(run_dir(variant, s), features_for(variant), variant.trials, "leak-free", cfg.device)
+                       for s in cfg.seeds]
+            row = {"variant": variant.name, "x": variant.x, "seeds": len(cfg.seeds)}
+            for metric in METRICS:
+                values = [r["t2v"][metric] for r in reports]
+                row[metric] = float(np.mean(values))
+                row[f"{metric}_std"] = float(np.std(values))
+            if cfg.with_reference:
+                audit = [_evaluate_run(run_dir(variant, s), features_for(variant), variant.trials, "reference", cfg.device)
+                         for s in cfg.seeds]
+                row["R1_reference_audit"] = float(np.mean([r["t2v"]["R1"] for r in audit]))
+            rows.append(row)
+        _write_tables(sweep, rows, out, cfg)
+        from tmass.evaluate.figures import plot_sweep
+
+        plot_sweep(sweep, rows, out / f"{sweep.name}.png")
+        results[sweep.name] = rows
+    return results
+
+
+def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig) -> None:
+    columns = ["variant", *[c for m in METRICS for c in (m, f"{m}_std")], "seeds"]
+    if cfg.with_reference:
+        columns.append("R1_reference_audit")
+    with open(out / f"{sweep.name}.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    header = "| variant | " + " | ".join(("R@1", "R@5", "R@10", "MdR", "MnR")) + " |"
+    if cfg.with_reference:
+        header += " R@1 reference protocol (AUDIT, leaks) |"
+    lines = [
+        f"## {sweep.title}",
+        "",
+        f"Text-to-video on the test split, leak-free protocol, mean ± std over seeds {list(cfg.seeds)}; "
+        f"{cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}; best.pt selected on a validation hold-out.",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
+    for row in rows:
+        cells = [f"{row[m]:.1f} ± {row[m + '_std']:.1f}" for m in METRICS]
+        if cfg.with_reference:
+            cells.append(f"{row['R1_reference_audit']:.1f}")
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    (out / f"{sweep.name}.md").write_text("\n".join(lines) + "\n")
