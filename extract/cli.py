@@ -69,7 +69,7 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
     """
     from tmass.extract.datasets import LayoutError, load_split
     from tmass.extract.encoder import AUTO, EncoderError, get_encoder
-    from tmass.extract.runner import ConfigMismatch, dask_distributor, extract_split, run_sequential, share_cores
+    from tmass.extract.runner import SplitDirError, dask_distributor, extract_split, run_sequential, share_cores
 
     log = logging.getLogger("tmass.extract")
     log.setLevel(logging.DEBUG)
@@ -101,7 +101,7 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
         with dask_distributor(workers, scheduler) if distributed else nullcontext(run_sequential) as distributor:
             for data in splits:
                 reports.append(extract_split(data, share_cores(config, workers), out, encoder, distributor))
-    except ConfigMismatch as exc:
+    except SplitDirError as exc:
         raise click.ClickException(str(exc)) from exc
 
     for report in reports:

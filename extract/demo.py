@@ -192,19 +192,23 @@ def render_demo(root: Path, spec: DemoSpec | None = None, progress: bool = True)
         found = json.loads((root / INFO).read_text())
         if found.get("version") == DEMO_VERSION and (spec is None or found.get("spec") == dataclasses.asdict(spec)):
             return root
-        (root / INFO).unlink()  # stale from here on: a killed re-render must not look finished
+        (root / INFO).unlink(missing_ok=True)  # stale from here on: a killed re-render must not look finished
     spec = spec or DemoSpec()
     info = {"version": DEMO_VERSION, "spec": dataclasses.asdict(spec)}
+    # Every file goes in under a temporary name, so that two processes rendering the same
+    # root at once (the output is deterministic) never expose a half-written file.
+    suffix = f".tmp-{os.getpid()}"
     items = []
     n_total = spec.n_train + spec.n_test
     for i in tqdm(range(n_total), desc=f"render demo clips into {root}", unit="clip", disable=not progress):
         frames, captions, scenes = demo_clip(spec, i)
         video_id = f"demo{i:04d}"
-        write_clip(root / "videos" / f"{video_id}.mp4", frames, spec.fps)
+        tmp = root / "videos" / f".{video_id}{suffix}.mp4"
+        write_clip(tmp, frames, spec.fps)
+        os.replace(tmp, root / "videos" / f"{video_id}.mp4")
         items.append({"video_id": video_id, "split": "train" if i < spec.n_train else "test", "captions": captions,
                       "scenes": scenes})
-    (root / "captions.json").write_text(json.dumps(items, indent=1) + "\n")
-    tmp = root / f".{INFO}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, root / INFO)  # last, so a half-rendered root is rendered again
+    for name, content in (("captions.json", json.dumps(items, indent=1)), (INFO, json.dumps(info, indent=2))):
+        (root / f".{name}{suffix}").write_text(content + "\n")
+        os.replace(root / f".{name}{suffix}", root / name)  # the info last: a half-rendered root renders again
     return root

@@ -62,6 +62,7 @@ log = logging.getLogger("tmass.extract")
 
 CONFIG_FILE = "extract-config.json"
 LOG_FILE = "extract.log"
+LOCK_FILE = ".extract.lock"
 
 
 @dataclass(frozen=True)
@@ -404,8 +405,24 @@ def build_meta(data: SplitData, encoder: Encoder, config: ExtractConfig) -> Feat
     )
 
 
-class ConfigMismatch(Exception):
-    """The output directory holds features made with other settings."""
+class SplitDirError(Exception):
+    """The split directory cannot take this run: another run is writing into it, or it
+    holds features made with other settings."""
+
+
+@contextmanager
+def _exclusive(split_dir: Path):
+    """One extraction at a time per split directory; the lock dies with its process, so a
+    killed run never leaves it taken."""
+    import fcntl
+
+    split_dir.mkdir(parents=True, exist_ok=True)
+    with open(split_dir / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SplitDirError(f"{split_dir}: another extraction is writing into this directory") from None
+        yield
 
 
 def _claim(split_dir: Path, config: ExtractConfig, weights: str) -> None:
@@ -416,9 +433,8 @@ def _claim(split_dir: Path, config: ExtractConfig, weights: str) -> None:
         before = json.loads(path.read_text())["identity"]
         differ = [f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in identity.items() if before.get(k) != v]
         if differ:
-            raise ConfigMismatch(f"{split_dir} holds features extracted with other settings ({'; '.join(differ)}); "
+            raise SplitDirError(f"{split_dir} holds features extracted with other settings ({'; '.join(differ)}); "
                                  "use another --out or delete that directory")
-    split_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"identity": identity, "config": dataclasses.asdict(config)})
 
 
@@ -484,40 +500,41 @@ def extract_split(data: SplitData, config: ExtractConfig, out_root: Path, encode
     partitions that are not complete yet, then write the manifest."""
     start = time.perf_counter()
     split_dir = split_dir_for(out_root, data, encoder, config)
-    _claim(split_dir, config, encoder.weights)
-    for stale in split_dir.glob(".*.tmp-*"):  # left by a killed run; never a final name
-        stale.unlink()
-    meta = build_meta(data, encoder, config)
-    done, jobs = [], []
-    for index, (videos, captions) in enumerate(plan_partitions(data, config.shard_size)):
-        complete = _completed(split_dir, index, inputs_digest(videos, captions))
-        if complete:
-            done.append(complete)
-        else:
-            jobs.append(PartitionJob(config, encoder.weights, meta, str(split_dir), index, videos, captions,
-                                     progress and distributor is run_sequential))
-    with _log_to(split_dir / LOG_FILE):
-        if encoder.random_init:
-            log.warning("%s: RANDOM-INIT ENCODER (--pretrained %s): features carry no pretrained knowledge",
-                        split_dir, config.pretrained)
-        log.info("%s: %d videos, %d captions in %d partitions (%d already complete)", split_dir,
-                 len(data.videos), len(data.captions), len(done) + len(jobs), len(done))
-        ran = list(tqdm(distributor(jobs), total=len(jobs), desc=f"extract {data.dataset}/{data.split}",
-                        unit="partition", disable=not progress or not jobs))
-        results = sorted(done + ran, key=lambda r: r.index)
-        failed = data.failed + [f for r in results for f in r.failed]
-        records = [rec for r in results for rec in r.records]
-        write_manifest(split_dir, meta, records, failed=failed)
-        stats: Counter = Counter()
-        for r in ran:
-            stats.update(r.stats)
-        report = SplitReport(
-            split_dir, sum(rec.rows for rec in records if rec.kind == "videos"),
-            sum(rec.rows for rec in records if rec.kind == "texts"), failed, len(done), dict(stats),
-            time.perf_counter() - start)
-        for line in report.lines():
-            log.info(line)
-    return report
+    with _exclusive(split_dir):
+        _claim(split_dir, config, encoder.weights)
+        for stale in split_dir.glob(".*.tmp-*"):  # left by a killed run; never a final name
+            stale.unlink()
+        meta = build_meta(data, encoder, config)
+        done, jobs = [], []
+        for index, (videos, captions) in enumerate(plan_partitions(data, config.shard_size)):
+            complete = _completed(split_dir, index, inputs_digest(videos, captions))
+            if complete:
+                done.append(complete)
+            else:
+                jobs.append(PartitionJob(config, encoder.weights, meta, str(split_dir), index, videos, captions,
+                                         progress and distributor is run_sequential))
+        with _log_to(split_dir / LOG_FILE):
+            if encoder.random_init:
+                log.warning("%s: RANDOM-INIT ENCODER (--pretrained %s): features carry no pretrained knowledge",
+                            split_dir, config.pretrained)
+            log.info("%s: %d videos, %d captions in %d partitions (%d already complete)", split_dir,
+                     len(data.videos), len(data.captions), len(done) + len(jobs), len(done))
+            ran = list(tqdm(distributor(jobs), total=len(jobs), desc=f"extract {data.dataset}/{data.split}",
+                            unit="partition", disable=not progress or not jobs))
+            results = sorted(done + ran, key=lambda r: r.index)
+            failed = data.failed + [f for r in results for f in r.failed]
+            records = [rec for r in results for rec in r.records]
+            write_manifest(split_dir, meta, records, failed=failed)
+            stats: Counter = Counter()
+            for r in ran:
+                stats.update(r.stats)
+            report = SplitReport(
+                split_dir, sum(rec.rows for rec in records if rec.kind == "videos"),
+                sum(rec.rows for rec in records if rec.kind == "texts"), failed, len(done), dict(stats),
+                time.perf_counter() - start)
+            for line in report.lines():
+                log.info(line)
+        return report
 
 
 def share_cores(config: ExtractConfig, workers: int) -> ExtractConfig:

@@ -334,6 +334,18 @@ def test_a_rerun_with_other_settings_is_refused(tiny_model, demo_root, demo_feat
     assert "num_frames: 12 then, 4 now" in result.output
 
 
+def test_a_second_run_into_a_directory_being_written_is_refused(tiny_model, demo_root, demo_features):
+    import fcntl
+
+    split_dir = demo_features[0] / "test"
+    with open(split_dir / ".extract.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running extraction holds it
+        result = extract("--dataset", "demo", "--data-root", demo_root, "--out", demo_features[0].parents[1],
+                         "--model", tiny_model, "--pretrained", "none", "--shard-size", 2, "--batch-size", 2,
+                         "--split", "test", expect=1)
+    assert "another extraction is writing into this directory" in result.output
+
+
 # ----------------------------------------------------------------------------- offline
 
 
