@@ -115,8 +115,8 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
 
 
-def _read_csv(path: Path, columns: Iterable[str], delimiter: str = ",") -> list[dict]:
-    reader = csv.DictReader(_read_text(path).splitlines(), delimiter=delimiter)
+def _read_csv(path: Path, columns: list[str]) -> list[dict]:
+    reader = csv.DictReader(_read_text(path).splitlines())
     header = reader.fieldnames or []
     missing = [c for c in columns if c not in header]
     if missing:
