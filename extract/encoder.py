@@ -241,5 +241,7 @@ def get_encoder(model: str, pretrained: str, device: str = "auto", seed: int = 0
     reuses it for every partition it runs."""
     key = (model, pretrained, resolve_device(device), seed)
     if key not in _CACHE:
-        _CACHE[key] = load_encoder(model, pretrained, device, seed)
+        encoder = load_encoder(model, pretrained, device, seed)
+        # runners ask for what `auto` resolved to: the same model, not a second copy
+        _CACHE[key] = _CACHE[(model, encoder.weights, *key[2:])] = encoder
     return _CACHE[key]

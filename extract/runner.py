@@ -208,17 +208,6 @@ def _loader_workers(config: ExtractConfig) -> int:
     return max(1, min(8, cores - 1))
 
 
-LOADER_NICE = 10
-
-
-def _lower_priority(_worker_id: int) -> None:
-    """Loader-worker init. Decoding should fill the cores the model leaves idle rather
-    than take cores from it: on a machine whose cores all run torch threads, a decoder at
-    equal priority makes one thread straggle and the others wait for it. (With spare
-    cores, as on a GPU machine, priority changes nothing.)"""
-    os.nice(LOADER_NICE)
-
-
 def _device(config: ExtractConfig) -> str:
     """This process's device: dask workers of a local cluster share the GPUs round-robin."""
     device = resolve_device(config.device)
@@ -254,7 +243,6 @@ def run_partition(job: PartitionJob) -> PartitionResult:
     loader = DataLoader(
         VideoFrames(job.videos, config, encoder.preprocess), batch_size=config.batch_size,
         num_workers=_loader_workers(config), collate_fn=collate_videos, pin_memory=encoder.device.startswith("cuda"),
-        worker_init_fn=_lower_priority,
     )
     stats: Counter = Counter()
     ok_ids, frames, masks, indices, failed = [], [], [], [], []
