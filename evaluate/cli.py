@@ -57,8 +57,10 @@ def _table(report: dict) -> str:
               help="Write the [n_text, n_video] score matrix (.npy; rows and columns in shard order).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write metrics, labels, config and hashes as JSON.")
+@click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the paper's Fig. 5 analysis here (T-MASS heads: t against the selected t_s).")
 def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, noise, seed, chunk_pairs, path_, device,
-             save_sims, json_path):
+             save_sims, json_path, figures):
     """Score every caption against every video of a split with a trained head and print
     R@1/5/10, MdR and MnR for text-to-video and video-to-text."""
     import numpy as np
@@ -114,3 +116,72 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if figures and head.stochastic and trials > 0:
+        from tmass.evaluate.figures import plot_similarity_analysis
+
+        point = score_split(head, arrays, dataclasses.replace(config, trials=0))
+        written = plot_similarity_analysis(point, scores, arrays.text_to_video, figures / "similarity-analysis.png",
+                                           f"Fig. 5 analysis, {checkpoint}: text t vs selected t_s (M = {trials}), "
+                                           f"protocol {report['protocol']}")
+        click.echo(f"figure {written}")
+    elif figures:
+        click.echo("no Fig. 5 analysis: it needs a T-MASS head and --trials > 0", err=True)
+
+
+@click.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Where to write comparison.md / comparison.csv and the gallery.")
+@click.option("--eval-json", default="eval.json", show_default=True,
+              help="File name, inside each run, of the `tmass eval --json` output to compare.")
+@click.option("--gallery-dataset", help="Dataset adapter whose videos the last run's scores refer to (e.g. demo).")
+@click.option("--gallery-data-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Its --data-root; with the last run's sims.npy (`tmass eval --save-sims`) draws a retrieval gallery.")
+def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
+    """Compare evaluated runs: print a table, write it, draw each run's training curves
+    and, for the last run, a retrieval gallery."""
+    import csv
+
+    import numpy as np
+
+    from tmass.evaluate.figures import plot_gallery, plot_training_curves
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run in runs:
+        path = run / eval_json
+        if not path.is_file():
+            raise click.ClickException(f"{path}: missing; run `tmass eval --json {path}` first")
+        data = json.loads(path.read_text())
+        rows.append({"run": str(run), "head": data["head"], "protocol": data["protocol"], "trials": data["trials"],
+                     **{f"t2v_{k}": data["t2v"][k] for k in ("R1", "R5", "R10", "MdR", "MnR")},
+                     **{f"v2t_{k}": data["v2t"][k] for k in ("R1", "R5", "R10", "MdR", "MnR")}})
+        if (run / "log.jsonl").is_file():
+            click.echo(f"figure {plot_training_curves(run)}")
+    lines = ["| run | head | trials | t2v R@1 | R@5 | R@10 | MdR | MnR | v2t R@1 | R@5 | R@10 |", "|---" * 11 + "|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['head']} | {r['trials']} | {r['t2v_R1']:.1f} | {r['t2v_R5']:.1f} | {r['t2v_R10']:.1f} "
+                     f"| {r['t2v_MdR']:g} | {r['t2v_MnR']:.1f} | {r['v2t_R1']:.1f} | {r['v2t_R5']:.1f} | {r['v2t_R10']:.1f} |")
+    protocols = sorted({r["protocol"] for r in rows})
+    table = "\n".join([f"Protocol: {', '.join(protocols)}", "", *lines])
+    (out / "comparison.md").write_text(table + "\n")
+    with open(out / "comparison.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    click.echo(table)
+    if gallery_dataset and gallery_data_root:
+        from tmass.extract.datasets import load_split as load_annotations
+
+        last = runs[-1]
+        data = json.loads((last / eval_json).read_text())
+        scores = np.load(last / "sims.npy")
+        from tmass.features.format import load_split
+
+        arrays = load_split(Path(data["split"]))
+        videos = {v.id: v.path for v in load_annotations(gallery_dataset, gallery_data_root, arrays.meta.split).videos}
+        written = plot_gallery(scores, arrays.captions, arrays.text_to_video, [videos[v] for v in arrays.video_ids],
+                               out / "gallery.png",
+                               title=f"{data['head']} on {gallery_dataset} {arrays.meta.split}: top 5 videos per caption "
+                                     f"(green: the captioned video), leak-free scores")
+        click.echo(f"figure {written}")

@@ -77,3 +77,80 @@ def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
     config = json.loads((run_dir / "config.json").read_text())
     fig.suptitle(f"{run_dir}: {config['head']['head']} head", fontsize=10)
     return _save(fig, path or run_dir / "training-curves.png")
+
+
+def _irrelevant_max(scores: np.ndarray, text_to_video: np.ndarray) -> np.ndarray:
+    """Per query, its highest score with a video it does not describe ``[n_text]``."""
+    masked = scores.copy()
+    masked[np.arange(len(scores)), text_to_video] = -np.inf
+    return masked.max(axis=1)
+
+
+def plot_similarity_analysis(point: np.ndarray, mass: np.ndarray, text_to_video: np.ndarray, path: Path,
+                             title: str = "") -> Path:
+    """The paper's Fig. 5 on any run: how the text mass moves similarities.
+
+    ``point`` ``[n_text, n_video]``: cos(t, p(v|t)) with the text embedding t itself;
+    ``mass``: the T-MASS score with the selected stochastic text t_s. Left: per query,
+    the highest similarity to an irrelevant video; middle: the relevant pairs'
+    similarities; right: the margin (relevant minus highest irrelevant), whose sign
+    decides R@1."""
+    rows = np.arange(len(point))
+    series = {
+        "highest similarity to an irrelevant video": (_irrelevant_max(point, text_to_video), _irrelevant_max(mass, text_to_video)),
+        "similarity of the relevant pair": (point[rows, text_to_video], mass[rows, text_to_video]),
+    }
+    series["margin: relevant - highest irrelevant"] = tuple(
+        rel - irr for rel, irr in zip(series["similarity of the relevant pair"], series["highest similarity to an irrelevant video"]))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (name, (with_t, with_ts)) in zip(axes, series.items()):
+        bins = np.linspace(min(with_t.min(), with_ts.min()), max(with_t.max(), with_ts.max()), 50)
+        ax.hist(with_t, bins=bins, alpha=0.55, label=f"text t (mean {with_t.mean():.3f})")
+        ax.hist(with_ts, bins=bins, alpha=0.55, label=f"selected t_s (mean {with_ts.mean():.3f})")
+        ax.set(xlabel="cosine similarity", ylabel="queries", title=name)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[2].axvline(0.0, color="k", lw=0.8)
+    fig.suptitle(title or "Fig. 5 analysis: text t against the selected stochastic text t_s", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_gallery(scores: np.ndarray, captions: list[str], text_to_video: np.ndarray, video_paths: list[Path],
+                 path: Path, queries: int = 5, top: int = 5, frames_per_video: int = 4, title: str = "") -> Path:
+    """Retrieval gallery: for the first ``queries`` captions, the ``top`` best-scoring
+    videos as strips of ``frames_per_video`` frames, the correct video framed green.
+
+    scores ``[n_text, n_video]``, captions ``[n_text]``, text_to_video ``[n_text]``,
+    video_paths ``[n_video]`` (decoded with the extraction's own reader)."""
+    from tmass.extract.video import read_frames
+
+    queries = min(queries, len(scores))
+    fig, axes = plt.subplots(queries, top, figsize=(3.2 * top, 1.25 * queries + 0.6), squeeze=False)
+    for q in range(queries):
+        ranked = np.argsort(-scores[q], kind="stable")[:top]
+        for k, v in enumerate(ranked):
+            frames, _, _ = read_frames(video_paths[v], frames_per_video)
+            ax = axes[q, k]
+            ax.imshow(np.concatenate(list(frames), axis=1))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            correct = v == text_to_video[q]
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if correct else "0.7")
+                spine.set_linewidth(4 if correct else 1)
+            ax.set_title(f"#{k + 1}  score {scores[q, v]:.3f}" + ("  ✓" if correct else ""), fontsize=8)
+        axes[q, 0].set_ylabel("\n".join(_wrap(captions[q], 28)), fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(title or f"Retrieval gallery: top {top} videos per query ({frames_per_video} frames each, time left to right)",
+                 fontsize=10)
+    return _save(fig, path)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines

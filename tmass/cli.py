@@ -8,7 +8,7 @@ import click
 
 from tmass import __version__
 from tmass.extract.cli import extract
-from tmass.evaluate.cli import evaluate
+from tmass.evaluate.cli import evaluate, report
 from tmass.features.cli import features
 from tmass.train.cli import ablate, train
 
@@ -31,3 +31,4 @@ main.add_command(extract)
 main.add_command(train)
 main.add_command(evaluate)
 main.add_command(ablate)
+main.add_command(report)

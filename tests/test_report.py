@@ -1,0 +1,78 @@
+"""Sweeps, comparison report and figures on the tiny simulated features."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from tmass.cli import main
+from tmass.evaluate.figures import plot_similarity_analysis
+from tmass.train.sweep import SWEEPS, SweepConfig, Variant, run_sweeps, subsample_frames
+
+
+def test_trials_sweep_trains_once_and_reuses_runs(tiny_features, tmp_path):
+    cfg = SweepConfig(seeds=(0,), epochs=1, lr=1e-3)
+    rows = run_sweeps(["trials"], tiny_features, tmp_path, cfg)["trials"]
+    assert [r["variant"] for r in rows] == ["w/o sampling", "M = 5", "M = 10", "M = 20"]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, "the four trial counts evaluate one trained model"
+    stamp = (runs[0] / "seed0" / "metrics.json").stat().st_mtime_ns
+    again = run_sweeps(["trials"], tiny_features, tmp_path, cfg)["trials"]
+    assert (runs[0] / "seed0" / "metrics.json").stat().st_mtime_ns == stamp, "finished runs are reused"
+    assert again == rows
+    table = (tmp_path / "trials.md").read_text()
+    assert "leak-free" in table and "| M = 20 |" in table
+    with open(tmp_path / "trials.csv") as fh:
+        assert [r["variant"] for r in csv.DictReader(fh)] == [r["variant"] for r in rows]
+    assert (tmp_path / "trials.png").stat().st_size > 10_000
+
+
+def test_shared_configurations_share_runs():
+    keys = {v.name: v.run_key() for s in ("radius", "loss", "trials", "support") for v in SWEEPS[s].variants}
+    final = keys["R = W S + b (linear)"]
+    assert keys["t_s, L_s + a L_sup"] == keys["M = 20"] == keys["alpha = 0.8"] == final
+    assert keys["w/o R (X-Pool)"] == keys["t, L_ce (X-Pool)"] != final
+    assert Variant("x", frames=4).run_key() != Variant("x").run_key()
+
+
+def test_frame_subsampling_keeps_uniformly_spaced_frames(tiny_features, tmp_path):
+    from tmass.features.format import check_split, load_split
+
+    out = subsample_frames(tiny_features, tmp_path / "f4", 4)
+    full, sub = load_split(tiny_features / "test"), load_split(out / "test")
+    assert sub.frames.shape[1] == 4 and sub.meta.num_frames == 4
+    assert np.array_equal(sub.frames, full.frames[:, [0, 4, 7, 11]])
+    assert np.array_equal(sub.text_embeddings, full.text_embeddings) and check_split(out / "train") == []
+
+
+def test_report_compares_evaluated_runs(tiny_features, tmp_path):
+    runner = CliRunner()
+    runs = []
+    for head, epochs in (("meanp", "0"), ("tmass", "1")):
+        run = tmp_path / head
+        assert runner.invoke(main, ["train", "--features", str(tiny_features), "--head", head, "--epochs", epochs,
+                                    "--lr", "1e-3", "--no-final-eval", "--no-progress", "--out", str(run)]).exit_code == 0
+        result = runner.invoke(main, ["eval", "--features", str(tiny_features), "--checkpoint", str(run / "best.pt"),
+                                      "--trials", "3", "--json", str(run / "eval.json"), "--figures", str(run / "fig")])
+        assert result.exit_code == 0, result.output
+        runs.append(run)
+    assert (runs[1] / "fig" / "similarity-analysis.png").exists()
+    assert not (runs[0] / "fig").exists(), "meanP has no text mass to analyse"
+    result = runner.invoke(main, ["report", *map(str, runs), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "report" / "comparison.md").read_text()
+    assert "leak-free" in table and len([line for line in table.splitlines() if line.startswith(f"| {tmp_path}")]) == 2
+    r1 = json.loads((runs[1] / "eval.json").read_text())["t2v"]["R1"]
+    assert f"| {r1:.1f} |" in table
+    assert all((run / "training-curves.png").exists() for run in runs)
+
+
+def test_similarity_analysis_reads_the_margins(tmp_path):
+    rng = np.random.default_rng(0)
+    point = rng.normal(0.2, 0.05, (40, 30)).astype(np.float32)
+    mass = point + 0.05
+    path = plot_similarity_analysis(point, mass, np.arange(40) % 30, tmp_path / "fig5.png")
+    assert path.stat().st_size > 20_000
