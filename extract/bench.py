@@ -93,6 +93,8 @@ def benchmark(videos: int, model: str, device: str, batch_size: int, num_frames:
         "image_encoder_alone_frames_per_s": round(statistics.median(image_fps), 2),
         "ratio": round(statistics.median(ratios), 3),
         "ratio_per_round": [round(r, 3) for r in ratios],
+        "model_alone_frames_per_s_per_round": [round(f, 2) for f in model_fps],
+        "pipeline_frames_per_s_per_round": [round(f, 2) for f in pipeline_fps],
         "pipeline_stats_per_round": stats,
     }
 
