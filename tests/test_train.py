@@ -17,12 +17,22 @@ from click.testing import CliRunner
 from tmass.cli import main
 from tmass.features.format import load_split
 from tmass.train.data import epoch_order, held_out_videos, split_validation, subset_videos
-from tmass.train.folded import folded_xpool
+from tmass.train.folded import fast_dropout, folded_xpool
 from tmass.train.heads import Head, HeadConfig, XPoolFusion
 from tmass.train.losses import batch_losses, parse_loss_terms, support_videos, symmetric_infonce
 from tmass.train.trainer import TrainConfig, load_checkpoint, lr_at, train
 
 FAST = dict(lr=1e-3, val_fraction=0.0, final_eval=False)  # tiny runs: no validation, no test metrics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model gains nothing from a second thread, and two spinning threads on a
+    shared 2-core machine can make a step ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -122,25 +132,39 @@ def test_support_video_paired_depends_on_the_pair_only():
 @pytest.mark.parametrize("num_heads", [1, 2])
 def test_folded_xpool_equals_the_module(num_heads):
     """Same values and gradients as XPoolFusion.forward, in eval mode and in train mode
-    (where dropout must draw the same mask), with a padded clip."""
+    with dropout off, with a padded clip."""
     torch.manual_seed(0)
     fusion = XPoolFusion(HeadConfig(head="xpool", embed_dim=16, num_frames=4, num_heads=num_heads))
     with torch.no_grad():  # leave the identity init so every term matters
         for p in fusion.parameters():
             p.add_(0.1 * torch.randn_like(p))
     text, frames, mask = _batch()
-    for mode in ("eval", "train"):
+    for mode, rate in (("eval", 0.3), ("train", 0.0)):
         getattr(fusion, mode)()
+        fusion.dropout.p = rate
         outputs, grads = [], []
         for fn in (fusion, lambda *a: folded_xpool(fusion, *a)):
             fusion.zero_grad()
-            torch.manual_seed(1)
             out = fn(text, frames, mask)
             (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
             outputs.append(out.detach())
             grads.append(torch.cat([p.grad.flatten() for p in fusion.parameters()]))
         assert torch.allclose(outputs[0], outputs[1], atol=1e-5), mode
         assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4), mode
+
+
+def test_fast_dropout_has_the_distribution_of_nn_dropout():
+    dropout = torch.nn.Dropout(0.3)
+    x = torch.ones(400, 1000)
+    torch.manual_seed(0)
+    y = fast_dropout(x, dropout)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.005)
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # unbiased, like inverted dropout
+    torch.manual_seed(0)
+    assert torch.equal(fast_dropout(x, dropout), y)  # draws from torch's global generator
+    assert fast_dropout(x, dropout.eval()) is x
 
 
 # ----------------------------------------------------------------------------- data

@@ -17,11 +17,12 @@ of 32 per video at batch 32). Per head h and frame f of video v, with
               + W_lin beta + b_lin                                = linear_proj(pooled)
     out     = norm_out(pooled + dropout(lin))
 
-Only the attention weights and two weighted sums over frames are per pair. Dropout acts
-on a tensor of the same shape and layout as in ``XPoolFusion.forward``, so with the same
-generator state it draws the same mask: the tests hold this function equal to the
-module's forward pass in train and eval mode. Parameters are the module's own, read by
-name; nothing here is learned separately.
+Only the attention weights and two weighted sums over frames are per pair. Parameters
+are the module's own, read by name; nothing here is learned separately. The tests hold
+this function equal to the module's forward pass in eval mode, and in train mode with
+dropout off. In train mode the dropout mask is drawn by :func:`fast_dropout`: the same
+distribution as ``nn.Dropout`` (same rate, same 1/(1-p) scaling) from other random draws,
+at a third of the cost of torch's per-element Bernoulli on a CPU.
 """
 
 from __future__ import annotations
@@ -73,5 +74,21 @@ def folded_xpool(fusion: XPoolFusion, text: torch.Tensor, frames: torch.Tensor,
     inv_std = (centred.pow(2).mean(dim=-1, keepdim=True) + fusion.norm_attn.eps).rsqrt()
     pooled = centred * inv_std * fusion.norm_attn.weight + fusion.norm_attn.bias
     linear = (torch.einsum("tvk,vkd->tvd", weights, folded.z) + folded.lin_bias) * inv_std + folded.lin_shift
-    # contiguous: dropout then fills its mask in the same element order as the module's
-    return fusion.norm_out(pooled + fusion.dropout(linear.contiguous()))
+    return fusion.norm_out(pooled + fast_dropout(linear, fusion.dropout))
+
+
+_INT32_DRAWS = 2**31  # torch's int32 random_() is uniform on [0, 2**31)
+
+
+def fast_dropout(x: torch.Tensor, dropout: torch.nn.Dropout) -> torch.Tensor:
+    """``dropout(x)`` in distribution: in train mode each element is kept with probability
+    1 - p (to within 2**-31) and scaled by 1 / (1 - p); the identity in eval mode.
+
+    The mask compares uniform int32 draws of torch's global generator with a threshold.
+    On a CPU that is about 3x cheaper than ``nn.Dropout``'s Bernoulli draws, which took
+    a seventh of a T-MASS training step."""
+    if not dropout.training or dropout.p == 0:
+        return x
+    keep = 1.0 - dropout.p
+    draws = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()
+    return x * (draws < round(keep * _INT32_DRAWS)).to(x.dtype).mul_(1.0 / keep)
