@@ -19,7 +19,7 @@ WARMUP_STEPS = 20  # untimed: first-call allocations and kernel selection
 
 
 def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int = 32,
-          device: str = "cpu", full_epoch: bool = False) -> dict:
+          device: str = "cpu", full_epoch: bool = False, pooling_path: str = "folded") -> dict:
     """Measured seconds per step and per epoch (the epoch figure is extrapolated from
     ``steps`` timed steps unless ``full_epoch``)."""
     import torch
@@ -30,7 +30,7 @@ def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int
     from tmass.train.trainer import Trainer, TrainConfig, resolve_configs, resolve_device
 
     arrays = load_split(Path(features) / "train")
-    cfg = TrainConfig(epochs=1, batch_size=batch_size, device=device)
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, device=device, pooling_path=pooling_path)
     cfg, head_cfg = resolve_configs(cfg, HeadConfig(head=head), arrays)
     dev = resolve_device(device)
     trainer = Trainer(cfg, head_cfg, PairData(arrays, dev), dev)
@@ -46,7 +46,7 @@ def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int
     seconds = time.perf_counter() - start
     per_step = seconds / timed
     return {
-        "head": head, "batch_size": batch_size, "device": str(dev), "threads": torch.get_num_threads(),
+        "head": head, "pooling_path": pooling_path, "batch_size": batch_size, "device": str(dev), "threads": torch.get_num_threads(),
         "pairs": len(trainer.data), "steps_per_epoch": trainer.steps_per_epoch, "timed_steps": timed,
         "seconds_per_step": per_step, "steps_per_second": 1 / per_step,
         "seconds_per_epoch": per_step * trainer.steps_per_epoch, "extrapolated": not full_epoch,
@@ -60,12 +60,13 @@ def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--full-epoch", is_flag=True, help="Time a whole epoch instead of extrapolating.")
-def main(features, head, steps, batch_size, device, full_epoch):
+@click.option("--pooling-path", type=click.Choice(["folded", "module"]), default="folded", show_default=True)
+def main(features, head, steps, batch_size, device, full_epoch, pooling_path):
     """Print seconds per training epoch of HEAD on FEATURES/train."""
-    r = bench(features, head, steps, batch_size, device, full_epoch)
+    r = bench(features, head, steps, batch_size, device, full_epoch, pooling_path)
     how = f"extrapolated from {r['timed_steps']} steps" if r["extrapolated"] else "whole epoch timed"
     click.echo(
-        f"{r['head']} batch {r['batch_size']} on {r['device']} ({r['threads']} threads): "
+        f"{r['head']} ({r['pooling_path']} pooling) batch {r['batch_size']} on {r['device']} ({r['threads']} threads): "
         f"{r['seconds_per_step'] * 1e3:.1f} ms/step, {r['steps_per_second']:.1f} steps/s, "
         f"{r['seconds_per_epoch']:.0f} s/epoch of {r['pairs']} pairs ({r['steps_per_epoch']} steps; {how})"
     )
