@@ -14,7 +14,7 @@ from tmass.train.sweep import SWEEPS, SweepConfig, Variant, run_sweeps, subsampl
 
 
 def test_trials_sweep_trains_once_and_reuses_runs(tiny_features, tmp_path):
-    cfg = SweepConfig(seeds=(0,), epochs=1, lr=1e-3)
+    cfg = SweepConfig(seeds=(0,), epochs=1, lr=1e-3, jobs=2)  # worker processes, as `make ablate` runs them
     rows = run_sweeps(["trials"], tiny_features, tmp_path, cfg)["trials"]
     assert [r["variant"] for r in rows] == ["w/o sampling", "M = 5", "M = 10", "M = 20"]
     runs = list((tmp_path / "runs").iterdir())

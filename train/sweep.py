@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -196,8 +197,14 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
                 train_overrides = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": seed,
                                    "final_eval": False, "device": cfg.device, **variant.train}
                 jobs.append((str(features_for(variant)), str(target), variant.head, train_overrides, threads))
-    with ProcessPoolExecutor(max_workers=cfg.jobs) as pool:
-        list(tqdm(pool.map(_train_one, jobs), total=len(jobs), desc="training runs", unit="run"))
+    if cfg.jobs == 1:
+        for job in tqdm(jobs, desc="training runs", unit="run"):
+            _train_one(job)
+    else:
+        # spawn, not fork: a forked child of a process whose OpenMP threads (torch, numba)
+        # already ran deadlocks in libgomp
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(tqdm(pool.map(_train_one, jobs), total=len(jobs), desc="training runs", unit="run"))
 
     results = {}
     for sweep in sweeps:
