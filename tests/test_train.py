@@ -110,6 +110,25 @@ def test_batch_losses_terms_and_total():
         batch_losses(xpool, text, frames, mask, ("s",))
 
 
+@pytest.mark.parametrize("radius", ["sim", "scalar", "linear"])
+@pytest.mark.parametrize("prior", ["uniform", "normal"])
+def test_every_radius_and_prior_trains(radius, prior):
+    """Table 5's radii and both priors: the loss back-propagates into the radius when it
+    has parameters (sim has none), and the prior sets the noise of t_s."""
+    text, frames, mask = _batch()
+    head = Head(HeadConfig(head="tmass", embed_dim=16, num_frames=4, radius=radius, prior=prior, prior_std=3e-3))
+    losses = batch_losses(head, text, frames, mask, ("s", "sup"), generator=torch.Generator().manual_seed(0))
+    losses["total"].backward()
+    radius_grads = [p.grad for p in head.radius.parameters()]
+    assert len(radius_grads) == {"sim": 0, "scalar": 1, "linear": 2}[radius]
+    assert all(g is not None and g.abs().sum() > 0 for g in radius_grads)
+    noise = head.sample_noise((2000, 16), torch.Generator().manual_seed(0))
+    if prior == "uniform":
+        assert noise.min() >= 0 and noise.max() < 1
+    else:
+        assert noise.std().item() == pytest.approx(3e-3, rel=0.05)
+
+
 def test_support_video_paired_depends_on_the_pair_only():
     """paired: pair 0's support video is the same whatever else is in the batch;
     batch-mean (the reference) changes with the other captions."""
