@@ -269,13 +269,14 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_features, tmp_path
 
 
 def test_validation_selects_best_and_labels_it(tiny_features, tmp_path):
-    cfg = TrainConfig(epochs=2, lr=1e-3, val_fraction=0.2, final_eval=False)
+    cfg = TrainConfig(epochs=2, lr=1e-3, val_fraction=0.2, val_every=10, final_eval=False)
     train(tiny_features, tmp_path / "run", cfg, HeadConfig(head="xpool"), progress=False)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     per_epoch = config["pairs"]["train"] // 32
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     vals = [r for r in records if r.get("event") == "val"]
-    assert [r["step"] for r in vals] == [per_epoch, 2 * per_epoch] and all(r["split"] == "val" for r in vals)
+    expected = sorted(set(range(10, 2 * per_epoch + 1, 10)) | {per_epoch, 2 * per_epoch})
+    assert [r["step"] for r in vals] == expected and all(r["split"] == "val" for r in vals)
     best = max(vals, key=lambda r: r["t2v"]["R1"])  # first of the ties wins
     _, checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
     assert checkpoint["step"] == best["step"] and checkpoint["best"]["R1"] == best["t2v"]["R1"]

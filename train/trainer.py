@@ -384,9 +384,7 @@ def train(
                 epoch_loss.append(record["total"])
                 bar.set_postfix(loss=f"{record['total']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
                 end_of_epoch = trainer.step_count % trainer.steps_per_epoch == 0
-                if cfg.val_every and trainer.step_count % cfg.val_every == 0 and not end_of_epoch:
-                    validate()
-                if end_of_epoch:
+                if end_of_epoch or (cfg.val_every and trainer.step_count % cfg.val_every == 0):
                     validate()
                 if end_of_epoch or trainer.step_count % cfg.checkpoint_every == 0 or trainer.step_count == stop_after:
                     checkpoint()
