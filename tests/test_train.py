@@ -271,6 +271,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_features, tmp_path
 def test_validation_selects_best_and_labels_it(tiny_features, tmp_path):
     cfg = TrainConfig(epochs=2, lr=1e-3, val_fraction=0.2, val_every=10, final_eval=False)
     train(tiny_features, tmp_path / "run", cfg, HeadConfig(head="xpool"), progress=False)
+    assert torch.get_num_threads() == 1  # the evaluator's numba pool must not reset torch's threads
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     per_epoch = config["pairs"]["train"] // 32
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -251,14 +251,18 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Hea
 
 def _evaluate(head: Head, arrays: SplitArrays, trials: int, seed: int, device: torch.device) -> dict:
     """Leak-free retrieval metrics of ``head`` on a split, leaving the training state as
-    it was: train/eval mode and every random generator."""
-    was_training = head.training
+    it was: train/eval mode, every random generator and torch's CPU thread count (the
+    evaluator's numba kernels share torch's OpenMP runtime and set its thread count to
+    theirs, which would silently undo ``OMP_NUM_THREADS`` or ``torch.set_num_threads``)."""
+    was_training, threads = head.training, torch.get_num_threads()
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        head.eval()
-        metrics = evaluate_head(head, arrays, EvalConfig(trials=trials, seed=seed, device=str(device), progress=False))
-    head.train(was_training)
-    return metrics
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            head.eval()
+            return evaluate_head(head, arrays, EvalConfig(trials=trials, seed=seed, device=str(device), progress=False))
+    finally:
+        head.train(was_training)
+        torch.set_num_threads(threads)
 
 
 class _RunLog:
