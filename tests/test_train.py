@@ -246,6 +246,8 @@ def test_epochs_zero_writes_the_initial_model(tiny_features, tmp_path):
     fresh = Head(dataclasses.replace(head.cfg))
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), fresh.state_dict().values()))
     assert head.logit_scale().item() == pytest.approx(100.0)  # from the features manifest
+    groups = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], len(g["params"])) for g in groups] == [(0.2, len(head.state_dict()) - 1), (0.0, 1)]
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_features, tmp_path):
