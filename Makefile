@@ -26,11 +26,13 @@ DEMO_FEATURES  = $(DEMO_DIR)/features/demo/$(MODEL)__auto
 DEMO_EPOCHS   ?= 10
 DEMO_LR       ?= 1e-4
 DEMO_HEADS    ?= meanp xpool tmass
+# a fifth of the 120 training clips selects best.pt (5 % would be six videos)
+DEMO_VAL      ?= 0.2
 demo: $(STAMP)
 	tmass extract --dataset demo --data-root $(DEMO_DATA) --split all --out $(DEMO_DIR)/features --model $(MODEL) --pretrained auto
 	@set -e; for head in $(DEMO_HEADS); do \
 	  tmass train --features $(DEMO_FEATURES) --head $$head --epochs $(DEMO_EPOCHS) --lr $(DEMO_LR) \
-	    --no-final-eval --no-progress --out $(DEMO_DIR)/runs/$$head; \
+	    --val-fraction $(DEMO_VAL) --no-final-eval --no-progress --out $(DEMO_DIR)/runs/$$head; \
 	  tmass eval --features $(DEMO_FEATURES) --checkpoint $(DEMO_DIR)/runs/$$head/best.pt \
 	    --json $(DEMO_DIR)/runs/$$head/eval.json --save-sims $(DEMO_DIR)/runs/$$head/sims.npy \
 	    --figures $(DEMO_DIR)/runs/$$head/figures; \

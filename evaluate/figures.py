@@ -115,22 +115,33 @@ def plot_similarity_analysis(point: np.ndarray, mass: np.ndarray, text_to_video:
     return _save(fig, path)
 
 
+def gallery_queries(text_to_video: np.ndarray, queries: int) -> np.ndarray:
+    """Caption rows for a gallery: the first caption of each of ``queries`` videos spread
+    evenly over the split (at most one per video, so no row repeats another's answer).
+
+    text_to_video ``[n_text]`` -> ``[min(queries, n_captioned_video)]`` caption indices."""
+    first_caption = np.unique(text_to_video, return_index=True)[1]  # [n_captioned_video]
+    picks = np.unique(np.linspace(0, len(first_caption) - 1, min(queries, len(first_caption))).round().astype(int))
+    return first_caption[picks]
+
+
 def plot_gallery(scores: np.ndarray, captions: list[str], text_to_video: np.ndarray, video_paths: list[Path],
                  path: Path, queries: int = 5, top: int = 5, frames_per_video: int = 4, title: str = "") -> Path:
-    """Retrieval gallery: for the first ``queries`` captions, the ``top`` best-scoring
-    videos as strips of ``frames_per_video`` frames, the correct video framed green.
+    """Retrieval gallery: ``queries`` captions, each the first caption of a different
+    video (spread over the split), with the ``top`` best-scoring videos as strips of
+    ``frames_per_video`` frames, the correct video framed green.
 
     scores ``[n_text, n_video]``, captions ``[n_text]``, text_to_video ``[n_text]``,
     video_paths ``[n_video]`` (decoded with the extraction's own reader)."""
     from tmass.extract.video import read_frames
 
-    queries = min(queries, len(scores))
-    fig, axes = plt.subplots(queries, top, figsize=(3.2 * top, 1.25 * queries + 0.6), squeeze=False)
-    for q in range(queries):
+    chosen = gallery_queries(text_to_video, queries)
+    fig, axes = plt.subplots(len(chosen), top, figsize=(3.2 * top, 1.25 * len(chosen) + 0.6), squeeze=False)
+    for row, q in enumerate(chosen):
         ranked = np.argsort(-scores[q], kind="stable")[:top]
         for k, v in enumerate(ranked):
             frames, _, _ = read_frames(video_paths[v], frames_per_video)
-            ax = axes[q, k]
+            ax = axes[row, k]
             ax.imshow(np.concatenate(list(frames), axis=1))
             ax.set_xticks([])
             ax.set_yticks([])
@@ -139,7 +150,7 @@ def plot_gallery(scores: np.ndarray, captions: list[str], text_to_video: np.ndar
                 spine.set_edgecolor("tab:green" if correct else "0.7")
                 spine.set_linewidth(4 if correct else 1)
             ax.set_title(f"#{k + 1}  score {scores[q, v]:.3f}" + ("  ✓" if correct else ""), fontsize=8)
-        axes[q, 0].set_ylabel("\n".join(_wrap(captions[q], 28)), fontsize=7, rotation=0, ha="right", va="center")
+        axes[row, 0].set_ylabel("\n".join(_wrap(captions[q], 28)), fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(title or f"Retrieval gallery: top {top} videos per query ({frames_per_video} frames each, time left to right)",
                  fontsize=10)
     return _save(fig, path)

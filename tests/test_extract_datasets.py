@@ -165,6 +165,7 @@ def test_demo_clips_are_deterministic_and_captions_say_less_than_the_video():
     for index in range(50):
         _, captions, scenes = demo_clip(DemoSpec(), index)
         assert 3 <= len(captions) <= 5 and 2 <= len(scenes) <= 4
+        assert len(set(captions)) == len(captions), "a repeated caption would count twice in every metric"
         for caption in captions:
             clauses = caption.split(", then ")
             # every clause describes one of the scenes, perhaps without its colour

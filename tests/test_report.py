@@ -9,7 +9,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from tmass.cli import main
-from tmass.evaluate.figures import plot_similarity_analysis
+from tmass.evaluate.figures import gallery_queries, plot_similarity_analysis
 from tmass.train.sweep import SWEEPS, SweepConfig, Variant, run_sweeps, subsample_frames
 
 
@@ -65,6 +65,9 @@ def test_report_compares_evaluated_runs(tiny_features, tmp_path):
     assert result.exit_code == 0, result.output
     table = (tmp_path / "report" / "comparison.md").read_text()
     assert "leak-free" in table and len([line for line in table.splitlines() if line.startswith(f"| {tmp_path}")]) == 2
+    n_video = json.loads((runs[1] / "eval.json").read_text())["n_video"]
+    assert f"chance t2v R@1 = {100 / n_video:.1f} %" in table and "encoder " in table
+    assert table.count("validation: ") == 2, "each row says what its checkpoint was selected on"
     r1 = json.loads((runs[1] / "eval.json").read_text())["t2v"]["R1"]
     assert f"| {r1:.1f} |" in table
     assert all((run / "training-curves.png").exists() for run in runs)
@@ -76,3 +79,10 @@ def test_similarity_analysis_reads_the_margins(tmp_path):
     mass = point + 0.05
     path = plot_similarity_analysis(point, mass, np.arange(40) % 30, tmp_path / "fig5.png")
     assert path.stat().st_size > 20_000
+
+
+def test_gallery_shows_one_caption_per_video():
+    text_to_video = np.repeat(np.arange(12), 4)  # [n_text]: four captions per video, grouped
+    chosen = gallery_queries(text_to_video, 5)
+    assert len(set(text_to_video[chosen])) == 5 and text_to_video[chosen][[0, -1]].tolist() == [0, 11]
+    assert len(gallery_queries(text_to_video[:8], 5)) == 2, "never more rows than videos"
