@@ -110,5 +110,14 @@ ablate: $(STAMP)
 	tmass ablate --features $(ABLATE_FEATURES) --out $(ABLATE_OUT) --sweeps $(SWEEPS) --seeds $(SEEDS) \
 	  --epochs $(ABLATE_EPOCHS) --lr $(ABLATE_LR) --jobs $(JOBS) $(ABLATE_ARGS)
 
-# Every speed and memory benchmark in one report.
-bench: bench-eval bench-train bench-extract
+# Every speed and memory benchmark in one report (BENCH_REPORT), headed by the machine it
+# ran on; progress bars go to the terminal only. Run it on an otherwise idle machine.
+BENCH_REPORT ?= bench-report.txt
+bench: $(STAMP)
+	@{ echo "tmass $$($(PYTHON) -c 'import tmass; print(tmass.__version__)') benchmarks, $$(date -u '+%F %H:%M UTC')"; \
+	  echo "machine: $$(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1), $$(nproc) cores, $$(free -g | awk '/^Mem/{print $$2}') GiB," \
+	       "GPU: $$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep . || echo none)"; \
+	  for target in bench-eval bench-train bench-extract; do \
+	    echo; echo "== make $$target"; $(MAKE) --no-print-directory -s $$target || exit 1; \
+	  done; } > $(BENCH_REPORT).tmp
+	@mv $(BENCH_REPORT).tmp $(BENCH_REPORT) && cat $(BENCH_REPORT) && echo "report written to $(BENCH_REPORT)"

@@ -211,5 +211,6 @@ def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
         written = plot_gallery(scores, arrays.captions, arrays.text_to_video, [videos[v] for v in arrays.video_ids],
                                out / "gallery.png",
                                title=f"{data['head']} on {gallery_dataset} {arrays.meta.split}: top 5 videos per caption "
-                                     f"(green: the captioned video), leak-free scores")
+                                     f"(green: the captioned video), {data['protocol']} scores"
+                                     + (" -- RANDOM-INIT ENCODER" if arrays.meta.random_init else ""))
         click.echo(f"figure {written}")

@@ -50,28 +50,30 @@ def plot_sweep(sweep, rows: list[dict], path: Path) -> Path:
 
 
 def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
-    """Loss terms, logit scale and learning rate against the optimisation step of one run
-    (from its ``log.jsonl``), with validation R@1 where the run validated."""
+    """Loss terms, validation R@1 (where the run validated), logit scale and learning
+    rate against the optimisation step of one run, from its ``log.jsonl``."""
     run_dir = Path(run_dir)
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "lr" in r and "total" in r]
     vals = [r for r in records if r.get("event") == "val"]
     terms = [k for k in ("ce", "s", "sup", "total") if any(k in r for r in steps)]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     x = [r["step"] for r in steps]
     for term in terms:
         axes[0].plot(x, [r.get(term, np.nan) for r in steps], label=term, lw=1)
     axes[0].set(xlabel="optimiser step", ylabel="loss (nats)", title="loss terms")
-    axes[0].legend()
-    axes[1].plot(x, [r["logit_scale"] for r in steps], color="tab:purple")
-    axes[1].set(xlabel="optimiser step", ylabel="exp(logit scale)", title="logit scale (temperature⁻¹)")
-    axes[2].plot(x, [r["lr"] for r in steps], color="tab:green")
-    axes[2].set(xlabel="optimiser step", ylabel="learning rate", title="learning rate")
+    axes[0].legend(fontsize=8, loc="best")
     if vals:
-        twin = axes[0].twinx()
-        twin.plot([v["step"] for v in vals], [v["t2v"]["R1"] for v in vals], "k--o", ms=3, label="val R@1")
-        twin.set_ylabel("validation t2v R@1 (%)")
-        twin.legend(loc="upper center")
+        axes[1].plot([v["step"] for v in vals], [v["t2v"]["R1"] for v in vals], "k-o", ms=3)
+        axes[1].set_title(f"validation t2v R@1 ({vals[-1].get('split', 'val')} split)")
+    else:
+        axes[1].text(0.5, 0.5, "no validation in this run", ha="center", va="center", transform=axes[1].transAxes)
+        axes[1].set_title("validation t2v R@1")
+    axes[1].set(xlabel="optimiser step", ylabel="R@1 (%)")
+    axes[2].plot(x, [r["logit_scale"] for r in steps], color="tab:purple")
+    axes[2].set(xlabel="optimiser step", ylabel="exp(logit scale)", title="logit scale (temperature⁻¹)")
+    axes[3].plot(x, [r["lr"] for r in steps], color="tab:green")
+    axes[3].set(xlabel="optimiser step", ylabel="learning rate", title="learning rate")
     for ax in axes:
         ax.grid(alpha=0.3)
     config = json.loads((run_dir / "config.json").read_text())
