@@ -6,11 +6,12 @@ import csv
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from tmass.cli import main
 from tmass.evaluate.figures import gallery_queries, plot_similarity_analysis
-from tmass.train.sweep import SWEEPS, SweepConfig, Variant, run_sweeps, subsample_frames
+from tmass.train.sweep import SWEEPS, SweepConfig, Variant, _frames_of, run_sweeps, subsample_frames
 
 
 def test_trials_sweep_trains_once_and_reuses_runs(tiny_features, tmp_path):
@@ -36,6 +37,18 @@ def test_shared_configurations_share_runs():
     assert keys["t_s, L_s + a L_sup"] == keys["M = 20"] == keys["alpha = 0.8"] == final
     assert keys["w/o R (X-Pool)"] == keys["t, L_ce (X-Pool)"] != final
     assert Variant("x", frames=4).run_key() != Variant("x").run_key()
+
+
+def test_all_cached_frames_is_the_plain_run(tmp_path):
+    twelve, four = (next(v for v in SWEEPS["frames"].variants if v.frames == n) for n in (12, 4))
+    assert _frames_of(twelve, 12, tmp_path).run_key() == keys_of("radius")["R = W S + b (linear)"]
+    assert _frames_of(four, 12, tmp_path).run_key() == four.run_key() != twelve.run_key()
+    with pytest.raises(ValueError, match="caches only 8 frames"):
+        _frames_of(twelve, 8, tmp_path)
+
+
+def keys_of(sweep: str) -> dict:
+    return {v.name: v.run_key() for v in SWEEPS[sweep].variants}
 
 
 def test_frame_subsampling_keeps_uniformly_spaced_frames(tiny_features, tmp_path):

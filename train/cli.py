@@ -140,6 +140,7 @@ def _resumed_values(ctx, out: Path, features: Path | None, values: dict) -> tupl
 @click.option("--device", default="auto", show_default=True)
 def ablate(features, out, sweeps, seeds, epochs, lr, batch_size, jobs, with_reference, device):
     """Run the paper's ablations as sweeps on cached features; finished runs are reused."""
+    from tmass.features.format import FeatureFormatError
     from tmass.train.sweep import SWEEPS, SweepConfig, run_sweeps
 
     names = [s.strip() for s in sweeps.split(",") if s.strip()]
@@ -148,6 +149,10 @@ def ablate(features, out, sweeps, seeds, epochs, lr, batch_size, jobs, with_refe
         raise click.BadParameter(f"unknown sweeps {unknown}; choose from {sorted(SWEEPS)}", param_hint="--sweeps")
     cfg = SweepConfig(seeds=tuple(int(s) for s in seeds.split(",")), epochs=epochs, lr=lr, batch_size=batch_size,
                       jobs=jobs, with_reference=with_reference, device=device)
-    for name in run_sweeps(names, features, out, cfg):
+    try:
+        results = run_sweeps(names, features, out, cfg)
+    except (ValueError, FeatureFormatError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for name in results:
         click.echo((out / f"{name}.md").read_text())
         click.echo(f"table {out / (name + '.csv')}, plot {out / (name + '.png')}\n")

@@ -135,6 +135,14 @@ def subsample_frames(features: Path, out: Path, n_frames: int) -> Path:
     return out
 
 
+def _frames_of(variant: Variant, cached: int, features: Path) -> Variant:
+    """``variant`` as trained on features caching ``cached`` frames per video: keeping all
+    of them is the plain variant (same runs, no copy of the features)."""
+    if variant.frames is not None and variant.frames > cached:
+        raise ValueError(f"{variant.name}: {features} caches only {cached} frames per video")
+    return dataclasses.replace(variant, frames=None) if variant.frames == cached else variant
+
+
 def _train_one(job: tuple) -> str:
     """Train one (variant, seed) run unless it already finished; runs in a worker process."""
     features, run_dir, head_overrides, train_overrides, threads = job
@@ -174,7 +182,11 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
     from tqdm import tqdm
 
     features, out = Path(features), Path(out)
-    sweeps = [SWEEPS[n] for n in names]
+    from tmass.features.format import open_split
+
+    cached = open_split(features / "train", verify_checksums=False).meta.num_frames
+    sweeps = [dataclasses.replace(SWEEPS[n], variants=tuple(_frames_of(v, cached, features) for v in SWEEPS[n].variants))
+              for n in names]
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep-config.json").write_text(json.dumps({"features": str(features), "sweeps": names,
                                                        **dataclasses.asdict(cfg)}, indent=2) + "\n")
