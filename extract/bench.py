@@ -114,15 +114,20 @@ def benchmark(videos: int, model: str, device: str, batch_size: int, num_frames:
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where clips (kept, reused) and features go. [default: a temporary directory]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the result here.")
+              help="Write the full result (every round) here.")
 def main(videos, model, device, batch_size, num_frames, width, height, seconds, fps, rounds, workdir, json_path):
     """Frames/s of the whole extraction against the model alone on the same frames."""
     with tempfile.TemporaryDirectory() as tmp:
         result = benchmark(videos, model, device, batch_size, num_frames, width, height, seconds, fps, rounds,
                            workdir or Path(tmp))
-    click.echo(json.dumps(result, indent=2))
+    stats = result["pipeline_stats_per_round"][-1]
+    click.echo(f"{result['model']} on {result['device']} ({result['torch_threads']} threads), {result['videos']} clips of "
+               f"{result['clip']}, {result['num_frames']} frames each, medians of {result['rounds']} rounds:")
     click.echo(f"pipeline {result['pipeline_frames_per_s']} frames/s vs model alone "
-               f"{result['model_alone_frames_per_s']} frames/s: {result['ratio']:.1%}")
+               f"{result['model_alone_frames_per_s']} frames/s (image encoder alone "
+               f"{result['image_encoder_alone_frames_per_s']}): {result['ratio']:.1%} kept")
+    click.echo("last round, seconds: " + ", ".join(f"{k.removesuffix('_s')} {v}" for k, v in stats.items())
+               + " (decode runs in loader workers, overlapped with the model)")
     if json_path:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 
