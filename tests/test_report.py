@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -99,3 +104,30 @@ def test_gallery_shows_one_caption_per_video():
     chosen = gallery_queries(text_to_video, 5)
     assert len(set(text_to_video[chosen])) == 5 and text_to_video[chosen][[0, -1]].tolist() == [0, 11]
     assert len(gallery_queries(text_to_video[:8], 5)) == 2, "never more rows than videos"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_sweep_workers_die_with_the_sweep(tmp_path):
+    """A sweep killed outright must not leave workers training into its run directories."""
+    script = (
+        "import os, time\n"
+        "from tmass.train.sweep import worker_pool\n"
+        "pool = worker_pool(1)\n"
+        "print(pool.submit(os.getpid).result(), flush=True)\n"
+        "pool.submit(time.sleep, 120)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive while the sweep is
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail(f"worker {worker} outlived its sweep")

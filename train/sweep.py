@@ -21,10 +21,13 @@ and ``<sweep>.csv`` (mean ± std over seeds) and ``<sweep>.png``.
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import json
 import multiprocessing
 import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +146,21 @@ def _frames_of(variant: Variant, cached: int, features: Path) -> Variant:
     return dataclasses.replace(variant, frames=None) if variant.frames == cached else variant
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the process that started it dies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """Processes for training runs in parallel. Spawned, not forked: a forked child of a
+    process whose OpenMP threads (torch, numba) already ran deadlocks in libgomp. Each
+    worker dies with the sweep, so a killed sweep leaves no orphan still training into a
+    run directory that the restarted sweep resumes."""
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent)
+
+
 def _train_one(job: tuple) -> str:
     """Train one (variant, seed) run unless it already finished; runs in a worker process."""
     features, run_dir, head_overrides, train_overrides, threads = job
@@ -213,9 +231,7 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
         for job in tqdm(jobs, desc="training runs", unit="run"):
             _train_one(job)
     else:
-        # spawn, not fork: a forked child of a process whose OpenMP threads (torch, numba)
-        # already ran deadlocks in libgomp
-        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with worker_pool(cfg.jobs) as pool:
             list(tqdm(pool.map(_train_one, jobs), total=len(jobs), desc="training runs", unit="run"))
 
     results = {}
