@@ -56,7 +56,8 @@ def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "lr" in r and "total" in r]
     vals = [r for r in records if r.get("event") == "val"]
-    terms = [k for k in ("ce", "s", "sup", "total") if any(k in r for r in steps)]
+    terms = [k for k in ("ce", "s", "sup") if any(k in r for r in steps)]
+    terms += ["total"] if len(terms) > 1 else []  # one term is its own total: draw it once
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     x = [r["step"] for r in steps]
     for term in terms:
