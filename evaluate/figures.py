@@ -59,10 +59,19 @@ def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
     terms = [k for k in ("ce", "s", "sup") if any(k in r for r in steps)]
     terms += ["total"] if len(terms) > 1 else []  # one term is its own total: draw it once
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    x = [r["step"] for r in steps]
+    x = np.array([r["step"] for r in steps])
+    # per-step losses of a long run are a solid band: draw them faint under a running mean
+    window = max(1, len(x) // 200)
     for term in terms:
-        axes[0].plot(x, [r.get(term, np.nan) for r in steps], label=term, lw=1)
-    axes[0].set(xlabel="optimiser step", ylabel="loss (nats)", title="loss terms")
+        values = np.array([r.get(term, np.nan) for r in steps], dtype=float)
+        line, = axes[0].plot(x, values, lw=0.5, alpha=0.25 if window > 1 else 1.0)
+        if window > 1:
+            mean = np.convolve(values, np.ones(window) / window, mode="valid")
+            axes[0].plot(x[window - 1:], mean, color=line.get_color(), lw=1.5, label=term)
+        else:
+            line.set_label(term)
+    axes[0].set(xlabel="optimiser step", ylabel="loss (nats)",
+                title="loss terms" + (f" (faint: per step; line: mean of {window})" if window > 1 else ""))
     axes[0].legend(fontsize=8, loc="best")
     if vals:
         axes[1].plot([v["step"] for v in vals], [v["t2v"]["R1"] for v in vals], "k-o", ms=3)
