@@ -44,8 +44,8 @@ EVENT_PHRASES = {"moves left": "moves to the left", "moves right": "moves to the
 class DemoSpec:
     """Size of the demo set; the defaults are what ``--dataset demo`` renders."""
 
-    # 160 clips x 12 frames keep a random-init ViT-B-32 extraction near two minutes on
-    # a 2-core CPU (about 14 frames/s)
+    # 160 clips x 12 frames keep a ViT-B-32 extraction near two minutes on a 2-core CPU
+    # (about 15 frames/s)
     n_train: int = 120
     n_test: int = 40
     width: int = 160

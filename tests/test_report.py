@@ -46,14 +46,11 @@ def test_shared_configurations_share_runs():
 
 def test_all_cached_frames_is_the_plain_run(tmp_path):
     twelve, four = (next(v for v in SWEEPS["frames"].variants if v.frames == n) for n in (12, 4))
-    assert _frames_of(twelve, 12, tmp_path).run_key() == keys_of("radius")["R = W S + b (linear)"]
+    final = next(v for v in SWEEPS["radius"].variants if v.name == "R = W S + b (linear)")
+    assert _frames_of(twelve, 12, tmp_path).run_key() == final.run_key()
     assert _frames_of(four, 12, tmp_path).run_key() == four.run_key() != twelve.run_key()
     with pytest.raises(ValueError, match="caches only 8 frames"):
         _frames_of(twelve, 8, tmp_path)
-
-
-def keys_of(sweep: str) -> dict:
-    return {v.name: v.run_key() for v in SWEEPS[sweep].variants}
 
 
 def test_frame_subsampling_keeps_uniformly_spaced_frames(tiny_features, tmp_path):
@@ -117,16 +114,21 @@ def test_sweep_workers_die_with_the_sweep(tmp_path):
         "pool.submit(time.sleep, 120)\n"
         "time.sleep(120)\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    worker = int(parent.stdout.readline())
+    log = tmp_path / "sweep.err"  # the killed parent's resource tracker complains there
+    with open(log, "w") as err:
+        parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=err, text=True)
+    line = parent.stdout.readline()
+    assert line.strip().isdigit(), log.read_text()
+    worker = int(line)
     os.kill(worker, 0)  # alive while the sweep is
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
+        try:  # gone, or a zombie waiting for init to reap it
+            if open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except FileNotFoundError:
             return
         time.sleep(0.1)
     os.kill(worker, signal.SIGKILL)
