@@ -118,12 +118,21 @@ def test_stochastic_text_stays_inside_its_mass():
     assert ((t_s - text) <= log_r.exp() + 1e-6).all() and ((t_s - text) >= 0).all()
 
 
-def test_logit_scale_starts_from_the_manifest_and_is_capped():
+def test_logit_scale_starts_from_the_manifest_and_is_capped_in_place():
     head = Head(HeadConfig(head="xpool", embed_dim=DIM, num_frames=FRAMES, logit_scale=50.0))
     assert head.logit_scale().item() == pytest.approx(50.0)
     with torch.no_grad():
         head.log_logit_scale.fill_(math.log(500.0))
+    assert head.logit_scale().item() == pytest.approx(500.0)  # no clamp in the forward pass
+    head.cap_logit_scale_()  # the trainer's, after each optimiser step
     assert head.logit_scale().item() == pytest.approx(LOGIT_SCALE_MAX)
+
+
+def test_logit_scale_gradient_flows_at_clip_s_100():
+    """float32(log 100) lies above math.log(100): a clamp in the forward pass zeroed this."""
+    head = Head(HeadConfig(head="xpool", embed_dim=DIM, num_frames=FRAMES, logit_scale=100.0))
+    head.logit_scale().backward()
+    assert head.log_logit_scale.grad.item() == pytest.approx(100.0, rel=1e-6)  # d exp(x) / dx
 
 
 def test_bad_configs_are_rejected_with_a_reason():

@@ -6,6 +6,7 @@ a minute and a half on two CPU cores."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 
@@ -16,11 +17,11 @@ from click.testing import CliRunner
 
 from tmass.cli import main
 from tmass.features.format import load_split
-from tmass.train.data import epoch_order, held_out_videos, split_validation, subset_videos
+from tmass.train.data import PairData, epoch_order, held_out_videos, split_validation, subset_videos
 from tmass.train.folded import fast_dropout, folded_xpool
-from tmass.train.heads import Head, HeadConfig, XPoolFusion
+from tmass.train.heads import LOGIT_SCALE_MAX, Head, HeadConfig, XPoolFusion
 from tmass.train.losses import batch_losses, parse_loss_terms, support_videos, symmetric_infonce
-from tmass.train.trainer import TrainConfig, load_checkpoint, lr_at, train
+from tmass.train.trainer import TrainConfig, Trainer, load_checkpoint, lr_at, resolve_configs, train
 
 FAST = dict(lr=1e-3, val_fraction=0.0, final_eval=False)  # tiny runs: no validation, no test metrics
 
@@ -236,6 +237,26 @@ def test_training_reduces_loss_and_beats_the_untrained_model(tiny_features, tmp_
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
     assert trained["test"]["t2v"]["R1"] > untrained["test"]["t2v"]["R1"] + 5
     assert trained["test"]["trials"] == 5
+
+
+def test_logit_scale_learns_and_is_capped_after_every_step(tiny_features):
+    """As in the reference: the scale starts at the manifest's 100, moves when the loss
+    asks it to, and is clamped at 100 after each optimiser step."""
+    arrays = load_split(tiny_features / "train")
+    # texts equal to their video's mean frame: the loss asks for a sharper softmax
+    aligned = dataclasses.replace(arrays, text_embeddings=arrays.frames.astype(np.float32).mean(1)[arrays.text_to_video])
+    cpu = torch.device("cpu")
+
+    def scales(data, init):
+        cfg, head_cfg = resolve_configs(TrainConfig(**{**FAST, "lr": 1e-2, "warmup_fraction": 0.0}), HeadConfig(head="meanp"), data)
+        trainer = Trainer(cfg, dataclasses.replace(head_cfg, logit_scale=init), PairData(data, cpu), cpu)
+        return [trainer.step(rows)["logit_scale"] for rows in itertools.islice(trainer.epoch_batches(0), 5)]
+
+    softer = scales(arrays, 100.0)  # the tiny features at init: the loss asks for a softer softmax
+    assert all(a > b for a, b in zip([100.0] + softer, softer))
+    sharper = scales(aligned, 20.0)
+    assert all(a < b for a, b in zip([20.0] + sharper, sharper))
+    assert all(s <= LOGIT_SCALE_MAX * (1 + 1e-6) for s in scales(aligned, 100.0))  # pushed up, held at the cap
 
 
 def test_epochs_zero_writes_the_initial_model(tiny_features, tmp_path):

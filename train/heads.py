@@ -20,7 +20,8 @@ Pieces (paper section 3.3, X-Pool section 3):
 * ``Radius`` (T-MASS only): log-radius R(t, v) from the cosine similarities S(t, v) of t
   to each frame of v (Eq. 6-7); the text mass is ``t + eps * exp(R)`` (Eq. 5).
 * a learnable logit scale, initialised from the CLIP model's (stored in the features
-  manifest) and clamped at ``LOGIT_SCALE_MAX``.
+  manifest) and clamped at ``LOGIT_SCALE_MAX`` after each optimiser step (as CLIP and the
+  reference do), never in the forward pass, so its gradient always flows.
 
 ``Head(HeadConfig)`` is the only constructor; adding a head means one module and
 one entry in ``POOLINGS``.
@@ -215,15 +216,23 @@ class Head(nn.Module):
         self.cfg = cfg
         self.pooling = POOLINGS[cfg.head](cfg)
         self.radius = Radius(cfg) if cfg.head == "tmass" else None
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale)))
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(min(cfg.logit_scale, LOGIT_SCALE_MAX))))
 
     @property
     def stochastic(self) -> bool:
         return self.radius is not None
 
     def logit_scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at LOGIT_SCALE_MAX (gradient stops at the cap)."""
-        return self.log_logit_scale.clamp(max=math.log(LOGIT_SCALE_MAX)).exp()
+        """exp(logit_scale), a scalar tensor with its gradient (see :meth:`cap_logit_scale_`)."""
+        return self.log_logit_scale.exp()
+
+    @torch.no_grad()
+    def cap_logit_scale_(self) -> None:
+        """Clamp the scale at LOGIT_SCALE_MAX in place; the trainer calls it after each
+        optimiser step. A clamp in the forward pass would zero the gradient at the cap,
+        and float32(log 100) lies a hair above log 100, so a scale starting at CLIP's 100
+        would never move."""
+        self.log_logit_scale.clamp_(max=math.log(LOGIT_SCALE_MAX))
 
     def pool(self, text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """text ``[n_text, dim]``, frames ``[n_video, n_frames, dim]`` -> ``[n_text, n_video, dim]``."""

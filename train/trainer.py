@@ -192,6 +192,7 @@ class Trainer:
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        self.head.cap_logit_scale_()
         self.step_count += 1
         record = {"step": self.step_count, "epoch": (self.step_count - 1) // self.steps_per_epoch, "lr": lr}
         record.update({name: value.item() for name, value in losses.items()})
