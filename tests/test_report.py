@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from tmass.cli import main
 from tmass.evaluate.figures import gallery_queries, plot_similarity_analysis
-from tmass.train.sweep import SWEEPS, SweepConfig, Variant, _frames_of, run_sweeps, subsample_frames
+from tmass.sweep import SWEEPS, SweepConfig, Variant, _frames_of, run_sweeps, subsample_frames
 
 
 def test_trials_sweep_trains_once_and_reuses_runs(tiny_features, tmp_path):
@@ -108,7 +108,7 @@ def test_sweep_workers_die_with_the_sweep(tmp_path):
     """A sweep killed outright must not leave workers training into its run directories."""
     script = (
         "import os, time\n"
-        "from tmass.train.sweep import worker_pool\n"
+        "from tmass.sweep import worker_pool\n"
         "pool = worker_pool(1)\n"
         "print(pool.submit(os.getpid).result(), flush=True)\n"
         "pool.submit(time.sleep, 120)\n"

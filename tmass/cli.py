@@ -10,7 +10,8 @@ from tmass import __version__
 from tmass.extract.cli import extract
 from tmass.evaluate.cli import evaluate, report
 from tmass.features.cli import features
-from tmass.train.cli import ablate, train
+from tmass.sweep import ablate
+from tmass.train.cli import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import numpy as np
 
 METRICS = ("R1", "R5", "R10", "MdR", "MnR")
@@ -284,3 +285,36 @@ def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig) -
             cells.append(f"{row['R1_reference_audit']:.1f}")
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     (out / f"{sweep.name}.md").write_text("\n".join(lines) + "\n")
+
+
+@click.command()
+@click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Features directory with train/ and test/ splits (e.g. simulated msrvtt).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Sweep directory: runs/, tables (.md, .csv) and plots (.png) per sweep.")
+@click.option("--sweeps", default="radius,trials", show_default=True,
+              help="Comma list from radius (Table 5), loss (Table 6), trials (Table 4), support (Fig. 6), frames (Fig. 7).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma list of seeds; tables show mean ± std.")
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--jobs", type=int, default=1, show_default=True, help="Training runs in parallel (processes).")
+@click.option("--with-reference", is_flag=True, help="Add the audit protocol's R@1 column (labelled; it leaks).")
+@click.option("--device", default="auto", show_default=True)
+def ablate(features, out, sweeps, seeds, epochs, lr, batch_size, jobs, with_reference, device):
+    """Run the paper's ablations as sweeps on cached features; finished runs are reused."""
+    from tmass.features.format import FeatureFormatError
+
+    names = [s.strip() for s in sweeps.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SWEEPS]
+    if unknown:
+        raise click.BadParameter(f"unknown sweeps {unknown}; choose from {sorted(SWEEPS)}", param_hint="--sweeps")
+    cfg = SweepConfig(seeds=tuple(int(s) for s in seeds.split(",")), epochs=epochs, lr=lr, batch_size=batch_size,
+                      jobs=jobs, with_reference=with_reference, device=device)
+    try:
+        results = run_sweeps(names, features, out, cfg)
+    except (ValueError, FeatureFormatError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for name in results:
+        click.echo((out / f"{name}.md").read_text())
+        click.echo(f"table {out / (name + '.csv')}, plot {out / (name + '.png')}\n")
