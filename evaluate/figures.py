@@ -137,22 +137,21 @@ def gallery_queries(text_to_video: np.ndarray, queries: int) -> np.ndarray:
     return first_caption[picks]
 
 
-def plot_gallery(scores: np.ndarray, captions: list[str], text_to_video: np.ndarray, video_paths: list[Path],
+def plot_gallery(scores: np.ndarray, captions: list[str], text_to_video: np.ndarray, video_frames,
                  path: Path, queries: int = 5, top: int = 5, frames_per_video: int = 4, title: str = "") -> Path:
     """Retrieval gallery: ``queries`` captions, each the first caption of a different
     video (spread over the split), with the ``top`` best-scoring videos as strips of
     ``frames_per_video`` frames, the correct video framed green.
 
     scores ``[n_text, n_video]``, captions ``[n_text]``, text_to_video ``[n_text]``,
-    video_paths ``[n_video]`` (decoded with the extraction's own reader)."""
-    from tmass.extract.video import read_frames
-
+    ``video_frames(v, n)``: n frames of video v, ``[n, height, width, 3]`` uint8 (the
+    caller decodes them; this layer does not read videos)."""
     chosen = gallery_queries(text_to_video, queries)
     fig, axes = plt.subplots(len(chosen), top, figsize=(3.2 * top, 1.25 * len(chosen) + 0.6), squeeze=False)
     for row, q in enumerate(chosen):
         ranked = np.argsort(-scores[q], kind="stable")[:top]
         for k, v in enumerate(ranked):
-            frames, _, _ = read_frames(video_paths[v], frames_per_video)
+            frames = video_frames(v, frames_per_video)
             ax = axes[row, k]
             ax.imshow(np.concatenate(list(frames), axis=1))
             ax.set_xticks([])

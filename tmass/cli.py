@@ -8,8 +8,9 @@ import click
 
 from tmass import __version__
 from tmass.extract.cli import extract
-from tmass.evaluate.cli import evaluate, report
+from tmass.evaluate.cli import evaluate
 from tmass.features.cli import features
+from tmass.report import report
 from tmass.sweep import ablate
 from tmass.train.cli import train
 

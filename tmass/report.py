@@ -1,0 +1,100 @@
+"""``tmass report``: compare evaluated runs in one table, with training curves and a
+retrieval gallery. It reads runs (evaluate/), features (features/) and, for the gallery,
+videos (extract/), so it lives on top of the stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _split_lines(evals: list[dict]) -> list[str]:
+    """What each evaluated split is: its size, chance level and encoder. A random-init
+    encoder is said in capitals, since its numbers measure the pipeline, not the method."""
+    from tmass.features.format import FeatureFormatError, open_split
+
+    lines = []
+    for split in dict.fromkeys(e["split"] for e in evals):
+        e = next(e for e in evals if e["split"] == split)
+        line = (f"Split: {split} ({e['n_text']} captions x {e['n_video']} videos; "
+                f"chance t2v R@1 = {100 / e['n_video']:.1f} %)")
+        try:
+            meta = open_split(Path(split), verify_checksums=False).meta
+        except FeatureFormatError as exc:
+            lines.append(f"{line}; encoder unknown ({exc.problems[0]})")
+            continue
+        weights = meta.extra.get("weights", meta.pretrained)
+        line += f"; encoder {meta.model}, weights {weights}" + (f" (--pretrained {meta.pretrained})" if weights != meta.pretrained else "")
+        if meta.random_init:
+            line += (" -- RANDOM-INIT ENCODER: the features carry no pretrained knowledge, so these numbers "
+                     "test the pipeline, not the method")
+        lines.append(line)
+    return lines
+
+
+@click.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Where to write comparison.md / comparison.csv and the gallery.")
+@click.option("--eval-json", default="eval.json", show_default=True,
+              help="File name, inside each run, of the `tmass eval --json` output to compare.")
+@click.option("--gallery-dataset", help="Dataset adapter whose videos the last run's scores refer to (e.g. demo).")
+@click.option("--gallery-data-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Its --data-root; with the last run's sims.npy (`tmass eval --save-sims`) draws a retrieval gallery.")
+def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
+    """Compare evaluated runs: print a table, write it, draw each run's training curves
+    and, for the last run, a retrieval gallery."""
+    import csv
+
+    import numpy as np
+
+    from tmass.evaluate.figures import plot_gallery, plot_training_curves
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows, evals = [], []
+    for run in runs:
+        path = run / eval_json
+        if not path.is_file():
+            raise click.ClickException(f"{path}: missing; run `tmass eval --json {path}` first")
+        data = json.loads(path.read_text())
+        evals.append(data)
+        rows.append({"run": str(run), "head": data["head"], "protocol": data["protocol"], "trials": data["trials"],
+                     "selection": data.get("selection", "unknown"),
+                     **{f"t2v_{k}": data["t2v"][k] for k in ("R1", "R5", "R10", "MdR", "MnR")},
+                     **{f"v2t_{k}": data["v2t"][k] for k in ("R1", "R5", "R10", "MdR", "MnR")}})
+        if (run / "log.jsonl").is_file():
+            click.echo(f"figure {plot_training_curves(run)}")
+    lines = ["| run | head | trials | t2v R@1 | R@5 | R@10 | MdR | MnR | v2t R@1 | R@5 | R@10 | checkpoint selected on |",
+             "|---" * 12 + "|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['head']} | {r['trials']} | {r['t2v_R1']:.1f} | {r['t2v_R5']:.1f} | {r['t2v_R10']:.1f} "
+                     f"| {r['t2v_MdR']:g} | {r['t2v_MnR']:.1f} | {r['v2t_R1']:.1f} | {r['v2t_R5']:.1f} | {r['v2t_R10']:.1f} "
+                     f"| {r['selection']} |")
+    protocols = sorted({r["protocol"] for r in rows})
+    table = "\n".join([f"Protocol: {', '.join(protocols)}", *_split_lines(evals), "", *lines])
+    (out / "comparison.md").write_text(table + "\n")
+    with open(out / "comparison.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    click.echo(table)
+    if gallery_dataset and gallery_data_root:
+        from tmass.extract.datasets import load_split as load_annotations
+        from tmass.extract.video import read_frames
+
+        last = runs[-1]
+        data = json.loads((last / eval_json).read_text())
+        scores = np.load(last / "sims.npy")
+        from tmass.features.format import load_split
+
+        arrays = load_split(Path(data["split"]))
+        videos = {v.id: v.path for v in load_annotations(gallery_dataset, gallery_data_root, arrays.meta.split).videos}
+        paths = [videos[v] for v in arrays.video_ids]
+        written = plot_gallery(scores, arrays.captions, arrays.text_to_video, lambda v, n: read_frames(paths[v], n)[0],
+                               out / "gallery.png",
+                               title=f"{data['head']} on {gallery_dataset} {arrays.meta.split}: top 5 videos per caption "
+                                     f"(green: the captioned video), {data['protocol']} scores"
+                                     + (" -- RANDOM-INIT ENCODER" if arrays.meta.random_init else ""))
+        click.echo(f"figure {written}")
