@@ -17,10 +17,11 @@ from click.testing import CliRunner
 
 from tmass.cli import main
 from tmass.features.format import load_split
-from tmass.train.data import PairData, epoch_order, held_out_videos, split_validation, subset_videos
+from tmass.train.data import Batch, PairData, epoch_order, held_out_videos, split_validation, subset_videos
 from tmass.train.folded import fast_dropout, folded_xpool
 from tmass.train.heads import LOGIT_SCALE_MAX, Head, HeadConfig, XPoolFusion
-from tmass.train.losses import batch_losses, parse_loss_terms, support_videos, symmetric_infonce
+from tmass.train.losses import batch_losses, build_loss, parse_loss_terms, support_videos
+from tmass.train.losses.infonce import symmetric_infonce
 from tmass.train.trainer import TrainConfig, Trainer, load_checkpoint, lr_at, resolve_configs, train
 
 FAST = dict(lr=1e-3, val_fraction=0.0, final_eval=False)  # tiny runs: no validation, no test metrics
@@ -92,23 +93,33 @@ def _batch(n=6, dim=16, frames=4, seed=0):
     return torch.randn(n, dim, generator=g) * 8, torch.randn(n, frames, dim, generator=g) * 10, mask
 
 
+def _pairs(text, frames, mask) -> Batch:
+    """A batch of pairs with distinct videos."""
+    rows = torch.arange(len(text))
+    return Batch(rows, rows, [f"t{i}" for i in range(len(text))], text, frames, mask)
+
+
+INFONCE = build_loss("infonce")
+
+
 def test_batch_losses_terms_and_total():
     text, frames, mask = _batch()
     head = Head(HeadConfig(head="tmass", embed_dim=16, num_frames=4, dropout=0.0)).eval()
-    losses = batch_losses(head, text, frames, mask, ("ce", "s", "sup"), support_weight=0.8,
+    batch = _pairs(text, frames, mask)
+    losses = batch_losses(head, batch, INFONCE, ("ce", "s", "sup"), support_weight=0.8,
                           generator=torch.Generator().manual_seed(0))
     assert set(losses) == {"ce", "s", "sup", "total"}
     assert losses["total"].item() == pytest.approx((losses["ce"] + losses["s"] + 0.8 * losses["sup"]).item())
     # ce is X-Pool's loss: the same for a T-MASS head and an X-Pool head with the same weights
     xpool = Head(HeadConfig(head="xpool", embed_dim=16, num_frames=4, dropout=0.0)).eval()
-    assert batch_losses(xpool, text, frames, mask, ("ce",))["ce"].item() == pytest.approx(losses["ce"].item(), rel=1e-5)
+    assert batch_losses(xpool, batch, INFONCE, ("ce",))["ce"].item() == pytest.approx(losses["ce"].item(), rel=1e-5)
     # the stochastic term follows its generator; the support term is deterministic
-    again = batch_losses(head, text, frames, mask, ("s", "sup"), generator=torch.Generator().manual_seed(0))
-    other = batch_losses(head, text, frames, mask, ("s", "sup"), generator=torch.Generator().manual_seed(1))
+    again = batch_losses(head, batch, INFONCE, ("s", "sup"), generator=torch.Generator().manual_seed(0))
+    other = batch_losses(head, batch, INFONCE, ("s", "sup"), generator=torch.Generator().manual_seed(1))
     assert again["s"].item() == pytest.approx(losses["s"].item()) and other["s"].item() != again["s"].item()
     assert other["sup"].item() == pytest.approx(losses["sup"].item())
     with pytest.raises(ValueError, match="T-MASS"):
-        batch_losses(xpool, text, frames, mask, ("s",))
+        batch_losses(xpool, batch, INFONCE, ("s",))
 
 
 @pytest.mark.parametrize("radius", ["sim", "scalar", "linear"])
@@ -118,7 +129,7 @@ def test_every_radius_and_prior_trains(radius, prior):
     has parameters (sim has none), and the prior sets the noise of t_s."""
     text, frames, mask = _batch()
     head = Head(HeadConfig(head="tmass", embed_dim=16, num_frames=4, radius=radius, prior=prior, prior_std=3e-3))
-    losses = batch_losses(head, text, frames, mask, ("s", "sup"), generator=torch.Generator().manual_seed(0))
+    losses = batch_losses(head, _pairs(text, frames, mask), INFONCE, ("s", "sup"), generator=torch.Generator().manual_seed(0))
     losses["total"].backward()
     radius_grads = [p.grad for p in head.radius.parameters()]
     assert len(radius_grads) == {"sim": 0, "scalar": 1, "linear": 2}[radius]

@@ -3,12 +3,18 @@
 A training example is one (caption, video) pair of the train split: caption i and video
 ``text_to_video[i]``. Everything stays in memory as stored (float16); a batch is cast to
 float32 on the fly.
+
+Several captions of one video in a batch: column j of a batch's videos is the video of
+caption j, so a video appears once per caption of it. ``Batch.positives`` marks every
+(caption, column) pair that shows the caption's own video; losses decide what to do
+with the off-diagonal ones (see each loss's docstring).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -74,6 +80,30 @@ def epoch_order(n_pairs: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_pairs, generator=generator)
 
 
+@dataclass
+class Batch:
+    """B (caption, video) pairs: caption i with its own video, which is column i of the
+    videos (so B_text = B_video = B).
+
+    text_rows ``[B]`` int64: the captions' rows in the split; video_rows ``[B]`` int64:
+    each caption's video row (``text_to_video[text_rows]``), repeated when captions share
+    a video; text_ids: the B caption ids; text ``[B, dim]``: CLIP text embeddings;
+    frames ``[B, n_frames, dim]`` and frame_mask ``[B, n_frames]``: column i's video."""
+
+    text_rows: torch.Tensor
+    video_rows: torch.Tensor
+    text_ids: list[str]
+    text: torch.Tensor
+    frames: torch.Tensor
+    frame_mask: torch.Tensor
+
+    @property
+    def positives(self) -> torch.Tensor:
+        """``[B_text, B_video]`` bool: caption i describes the video in column j. True on
+        the diagonal, and off it wherever two captions of one video share the batch."""
+        return self.video_rows[:, None] == self.video_rows[None, :]
+
+
 class PairData:
     """One split's pairs as tensors on ``device`` (float16, as stored)."""
 
@@ -82,13 +112,16 @@ class PairData:
         self.frames = torch.as_tensor(arrays.frames, device=device)  # [n_video, n_frames, dim]
         self.frame_mask = torch.as_tensor(arrays.frame_mask, device=device)  # [n_video, n_frames]
         self.text_to_video = torch.as_tensor(arrays.text_to_video, device=device)  # [n_text]
+        self.text_ids = list(arrays.text_ids)
 
     def __len__(self) -> int:
         return self.text.shape[0]
 
-    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Captions ``rows`` ``[B]`` -> text ``[B, dim]``, frames ``[B, n_frames, dim]``
-        (float32) and frame_mask ``[B, n_frames]`` of each caption's video."""
+    def batch(self, rows: torch.Tensor) -> Batch:
+        """The pairs of caption ``rows`` ``[B]``, float32 embeddings."""
         rows = rows.to(self.text.device)
         videos = self.text_to_video[rows]
-        return self.text[rows].float(), self.frames[videos].float(), self.frame_mask[videos]
+        return Batch(
+            text_rows=rows, video_rows=videos, text_ids=[self.text_ids[r] for r in rows.tolist()],
+            text=self.text[rows].float(), frames=self.frames[videos].float(), frame_mask=self.frame_mask[videos],
+        )

@@ -37,7 +37,7 @@ from tmass.evaluate.scores import EvalConfig, evaluate_head, resolve_device
 from tmass.features.format import SplitArrays, load_split
 from tmass.train.data import PairData, epoch_order, split_validation
 from tmass.train.heads import Head, HeadConfig
-from tmass.train.losses import POOLING_PATHS, SUPPORT_VIDEOS, batch_losses, parse_loss_terms
+from tmass.train.losses import DEFAULT_LOSS, POOLING_PATHS, SUPPORT_VIDEOS, batch_losses, build_loss, parse_loss_terms
 
 CHECKPOINT_VERSION = 1
 SELECTION_LABELS = {
@@ -84,6 +84,8 @@ class TrainConfig:
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     seed: int = 0
+    loss: str = DEFAULT_LOSS  # a name in the loss registry (tmass.train.losses)
+    loss_options: dict = dataclasses.field(default_factory=dict)  # the loss's config fields; resolved to all of them
     loss_terms: tuple[str, ...] = ()  # () = the head's default: ce (meanp, xpool), s+sup (tmass)
     support_weight: float = 0.8  # alpha of Eq. 9, the paper's final MSR-VTT value
     support_video: str = "paired"  # paired | batch-mean (the reference); see losses.batch_losses
@@ -134,9 +136,11 @@ class TrainConfig:
 
 def resolve_configs(cfg: TrainConfig, head_cfg: HeadConfig, arrays: SplitArrays) -> tuple[TrainConfig, HeadConfig]:
     """Fill in what the features and the head decide: loss terms (head default, checked
-    against the head), and the head's width, frame count and initial logit scale (from
-    the features manifest)."""
-    cfg = dataclasses.replace(cfg, loss_terms=parse_loss_terms(cfg.loss_terms, head_cfg.head))
+    against the head), every field of the loss's config (so a run's config.json names
+    all of them), and the head's width, frame count and initial logit scale (from the
+    features manifest)."""
+    loss_options = dataclasses.asdict(build_loss(cfg.loss, cfg.loss_options).cfg)
+    cfg = dataclasses.replace(cfg, loss_terms=parse_loss_terms(cfg.loss_terms, head_cfg.head), loss_options=loss_options)
     meta = arrays.meta
     head_cfg = dataclasses.replace(
         head_cfg, embed_dim=meta.embed_dim, num_frames=meta.num_frames, logit_scale=float(meta.logit_scale)
@@ -164,6 +168,7 @@ class Trainer:
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.noise = torch.Generator(device=device).manual_seed(cfg.seed)  # stochastic text
+        self.loss = build_loss(cfg.loss, cfg.loss_options)
         self.steps_per_epoch = len(data) // cfg.batch_size  # the last, incomplete batch is dropped
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(data)} training pairs are fewer than one batch of {cfg.batch_size}")
@@ -182,9 +187,8 @@ class Trainer:
         lr = lr_at(self.step_count, self.total_steps, self.cfg.lr, self.cfg.warmup_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        text, frames, frame_mask = self.data.batch(rows)
         losses = batch_losses(
-            self.head, text, frames, frame_mask, self.cfg.loss_terms,
+            self.head, self.data.batch(rows), self.loss, self.cfg.loss_terms,
             self.cfg.support_weight, self.cfg.support_video, self.noise, self.cfg.pooling_path,
         )
         self.optimizer.zero_grad(set_to_none=True)

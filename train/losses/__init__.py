@@ -1,29 +1,53 @@
-"""Training losses: symmetric InfoNCE and the loss terms of T-MASS (paper Eq. 1-2, 5, 8-9).
+"""Training losses: the registry, and the loss terms of T-MASS (paper Eq. 5, 8-9) over any registered loss.
 
-Every score matrix is text-major, ``[n_text, n_video]``; in a training batch row i of
-the texts and row i of the videos form a pair, so the targets are the diagonal.
+**A loss** is a subclass of :class:`Loss` in a module of its own, with a config dataclass
+(``Loss.Config``: its settings, each with its default and help text in the field's
+metadata, see :mod:`tmass.train.config`), called on one :class:`~tmass.train.data.Batch`
+and the :class:`Scores` of one text variant against the batch's videos. It returns named
+scalar tensors, at least ``total`` (its own weighted sum of any other parts it reports).
+Registering a loss is one line in :data:`LOSSES` or, from another package, an entry point
+in the group ``tmass.losses`` (``name = "package.module:LossClass"``). ``tmass train
+--loss NAME`` lists every registered name, and each config field becomes an option.
 
-Loss terms (Table 6 of the paper; ``--loss-terms`` is a comma list of them):
+Built in: ``infonce`` (symmetric cross-entropy, Eq. 1-2; the default) and ``triplet-hn``
+(VSE++'s max-violation triplet).
 
-    ce    InfoNCE on the CLIP text embedding t                      (X-Pool, meanP)
-    s     InfoNCE on one stochastic sample t_s = t + eps * exp(R)   (T-MASS, Eq. 5)
-    sup   InfoNCE on the support text t + exp(R) (v - t)/|v - t|    (T-MASS, Eq. 8),
+**Loss terms** (Table 6 of the paper; ``--loss-terms`` is a comma list of them) are the
+text variants the chosen loss is applied to, each scored against the same pooled videos
+(video j pooled on the deterministic caption t_i):
+
+    ce    the CLIP text embedding t                      (X-Pool, meanP)
+    s     one stochastic sample t_s = t + eps * exp(R)   (T-MASS, Eq. 5)
+    sup   the support text t + exp(R) (v - t)/|v - t|    (T-MASS, Eq. 8),
           weighted by ``support_weight`` (alpha of Eq. 9)
 
-Table 6's rows are ``ce`` (X-Pool), ``ce,s``, ``s`` and ``s,sup`` (the final T-MASS).
-In every term the pooled videos are the same: video j pooled on the deterministic
-caption t_i; only the text side of the cosine changes.
+Table 6's rows are ``ce`` (X-Pool), ``ce,s``, ``s`` and ``s,sup`` (the final T-MASS). The
+log names a term by its variant (``ce``, ``s``, ``sup``: the loss's ``total`` on it), a
+loss's other parts by ``variant.part``, and the weighted sum over variants ``total``.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from tmass.train.data import Batch
 from tmass.train.folded import folded_xpool
 from tmass.train.heads import Head, XPoolFusion, paired_frame_similarity, stochastic_text, support_text
+
+# name -> "module:class"; imported on first use
+LOSSES = {
+    "infonce": "tmass.train.losses.infonce:InfoNCE",
+    "triplet-hn": "tmass.train.losses.triplet:TripletHN",
+}
+ENTRY_POINT_GROUP = "tmass.losses"
+DEFAULT_LOSS = "infonce"
 
 LOSS_TERMS = ("ce", "s", "sup")
 STOCHASTIC_TERMS = ("s", "sup")  # need the T-MASS radius
@@ -32,14 +56,57 @@ SUPPORT_VIDEOS = ("paired", "batch-mean")
 POOLING_PATHS = ("folded", "module")
 
 
-def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
-    """Mean of the text-to-video and video-to-text cross entropies (Eq. 1-2).
+@dataclass
+class Scores:
+    """One text variant of a batch scored against the batch's videos, text-major.
 
-    logits ``[n, n]`` text-major (row i: text i against every video, already multiplied
-    by the logit scale); pair i is (text i, video i), so the targets are the diagonal.
-    """
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    ``cos`` ``[B_text, B_video]``: cosine similarities; ``logits`` ``[B_text, B_video]``:
+    the same times the head's learnable logit scale (what a softmax loss uses)."""
+
+    cos: torch.Tensor
+    logits: torch.Tensor
+
+
+class Loss:
+    """Base class of every loss; see the module docstring. Subclasses set ``name`` and
+    ``Config`` and implement ``__call__``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg if cfg is not None else self.Config()
+
+    def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _plugins() -> dict:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def loss_names() -> tuple[str, ...]:
+    """Every registered loss: the built-in ones, then those of installed plugins."""
+    return tuple(LOSSES) + tuple(sorted(name for name in _plugins() if name not in LOSSES))
+
+
+def loss_class(name: str) -> type[Loss]:
+    """The class registered as ``name`` (imports its module)."""
+    if name in LOSSES:
+        module, attr = LOSSES[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    plugins = _plugins()
+    if name not in plugins:
+        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(loss_names())}")
+    return plugins[name].load()
+
+
+def build_loss(name: str, options: dict | None = None) -> Loss:
+    """The loss ``name`` configured by ``options`` (field -> value; unknown fields are an error)."""
+    cls = loss_class(name)
+    from tmass.train.config import build_config
+
+    return cls(build_config(cls.Config, options or {}, where=f"loss {name}"))
 
 
 def parse_loss_terms(terms: str | Iterable[str] | None, head: str) -> tuple[str, ...]:
@@ -71,9 +138,8 @@ def support_videos(pooled: torch.Tensor, support_video: str = "paired") -> torch
 
 def batch_losses(
     head: Head,
-    text: torch.Tensor,
-    frames: torch.Tensor,
-    frame_mask: torch.Tensor | None,
+    batch: Batch,
+    loss: Loss,
     terms: tuple[str, ...],
     support_weight: float = 0.8,
     support_video: str = "paired",
@@ -82,9 +148,11 @@ def batch_losses(
 ) -> dict[str, torch.Tensor]:
     """The loss terms of one batch of pairs and their weighted ``total``.
 
-    text ``[B, dim]`` (caption i), frames ``[B, n_frames, dim]`` and frame_mask
-    ``[B, n_frames]`` (the video of caption i). Returns scalar tensors keyed by term,
-    plus ``total = ce + s + support_weight * sup`` over the selected terms.
+    ``batch``: B pairs, caption i with its video (``batch.text`` ``[B, dim]``,
+    ``batch.frames`` ``[B, n_frames, dim]``, ``batch.frame_mask`` ``[B, n_frames]``).
+    ``loss`` is applied to each text variant in ``terms``; returns its ``total`` keyed by
+    the variant, its other parts as ``variant.part``, and
+    ``total = ce + s + support_weight * sup`` over the selected terms.
 
     T-MASS radius: R_i = R(t_i, v_i) from text i and its own video's frames, ``[B, dim]``
     (linear) or ``[B, 1]``; one stochastic sample t_s,i per text per step (noise from
@@ -110,6 +178,7 @@ def batch_losses(
         raise ValueError(f"loss terms {terms} need a T-MASS head (head {head.cfg.head!r} has no radius)")
     if pooling_path not in POOLING_PATHS:
         raise ValueError(f"unknown pooling path {pooling_path!r}; choose from {POOLING_PATHS}")
+    text, frames, frame_mask = batch.text, batch.frames, batch.frame_mask
     if pooling_path == "folded" and isinstance(head.pooling, XPoolFusion):
         pooled = folded_xpool(head.pooling, text, frames, frame_mask)  # [B(text), B(video), dim]
     else:
@@ -128,8 +197,16 @@ def batch_losses(
         if "sup" in terms:
             variants["sup"] = support_text(text, log_radius, support_videos(pooled, support_video))
     stacked = F.normalize(torch.stack(list(variants.values())), dim=-1)  # [K, B, dim]
-    logits = torch.einsum("ktd,tvd->ktv", stacked, pooled) * (inv_norm * head.logit_scale())
-    losses = {name: symmetric_infonce(logits[k]) for k, name in enumerate(variants)}
+    dots = torch.einsum("ktd,tvd->ktv", stacked, pooled)  # [K, B, B]
+    # logits as one product (dots * (1/|p| * scale)): the exact float operations of the
+    # InfoNCE-only trainer before the registry, so its runs are reproduced bit for bit
+    logits = dots * (inv_norm * head.logit_scale())
+    cos = dots * inv_norm
     weights = {"ce": 1.0, "s": 1.0, "sup": support_weight}
-    losses["total"] = sum(weights[name] * loss for name, loss in losses.items())
+    losses = {}
+    for k, name in enumerate(variants):
+        parts = loss(batch, Scores(cos=cos[k], logits=logits[k]))
+        losses[name] = parts["total"]
+        losses.update({f"{name}.{part}": value for part, value in parts.items() if part != "total"})
+    losses["total"] = sum(weights[name] * losses[name] for name in variants)
     return losses

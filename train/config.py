@@ -1,0 +1,181 @@
+"""Configuration from one source: the config dataclasses.
+
+Every setting is a dataclass field (``TrainConfig``, each head's and each loss's config,
+``EvalConfig``) declared with :func:`setting`: its default, its help text and, where it
+has them, its choices live there and nowhere else. From them come
+
+* the command-line options (:func:`options_for`): ``lr`` becomes ``--lr``, with the
+  field's help, choices and default;
+* configuration files (:func:`read_config_file`): TOML, or a run's ``config.json``, with
+  the same sections as ``config.json`` (``[train]``, ``[train.loss_options]``,
+  ``[head]``, and ``features``); a mistake in one is reported as one line naming the file
+  and the key;
+* :func:`build_config`: a config from plain values (a file's, the command line's), each
+  checked against its field's type and choices.
+
+Torch-free: the command line reads these without loading a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from pathlib import Path
+
+import click
+
+FILE_SECTIONS = ("train", "head")  # besides the top-level "features"
+
+
+def setting(default, help: str, choices=None, cli: bool = True):
+    """A config field: ``default``, one-sentence-or-so ``help``, ``choices`` (a tuple, or a
+    function returning one, for registries), and ``cli=False`` for fields set by the
+    program rather than the user (a head's width comes from the features)."""
+    kwargs = {"default_factory": lambda: dict(default)} if isinstance(default, dict) else {"default": default}
+    return dataclasses.field(metadata={"help": help, "choices": choices, "cli": cli}, **kwargs)
+
+
+def field_choices(f: dataclasses.Field) -> tuple | None:
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
+def field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def field_type(cls, name: str):
+    """The type of field ``name`` of ``cls``, as a class: int, float, str, bool, tuple, dict."""
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_origin(hint) or hint
+
+
+def cli_fields(cls) -> list[str]:
+    """The names of the fields of config class ``cls`` that a user sets."""
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli", True)]
+
+
+def _check(cls, name: str, value):
+    """``value`` for field ``name`` of ``cls``, converted where lossless (a list or a comma
+    string for a tuple, an int for a float); ValueError saying what was expected."""
+    kind = field_type(cls, name)
+    if kind is tuple and isinstance(value, str):
+        value = tuple(v.strip() for v in value.split(",") if v.strip())
+    elif kind is tuple and isinstance(value, list):
+        value = tuple(value)
+    elif kind is float and type(value) is int:
+        value = float(value)
+    if kind in (bool, int, float, str, tuple, dict) and type(value) is not kind:
+        raise ValueError(f"expected {'a list' if kind is tuple else kind.__name__}, got {value!r}")
+    choices = field_choices({f.name: f for f in dataclasses.fields(cls)}[name])
+    for item in value if kind is tuple else (value,):
+        if choices and item not in choices:
+            raise ValueError(f"{item!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def build_config(cls, values: dict, where: str):
+    """``cls(**values)``, every value checked against its field; ValueError with one line
+    ``where.key: what is wrong`` (``where`` names the source: a file, a section)."""
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    checked = {}
+    for name, value in values.items():
+        try:
+            checked[name] = _check(cls, name, value)
+        except ValueError as exc:
+            raise ValueError(f"{where}.{name}: {exc}") from None
+    try:
+        return cls(**checked)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def read_config_file(path: Path) -> dict:
+    """The sections of a TOML file or a run's ``config.json``: ``{"features": str | None,
+    "train": {...}, "head": {...}}``. Keys are checked by :func:`build_config` later; here
+    only the file's shape. A run's config.json also records provenance (hashes,
+    versions), which is skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None
+    if path.suffix != ".json":
+        unknown = sorted(set(data) - {"features", *FILE_SECTIONS})
+        if unknown:
+            raise ValueError(f"{path}: unknown key {unknown[0]!r}; a config file has features, "
+                             f"{', '.join(f'[{s}]' for s in FILE_SECTIONS)}")
+    sections = {"features": data.get("features")}
+    for section in FILE_SECTIONS:
+        value = data.get(section, {})
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: {section} must be a table of settings")
+        sections[section] = dict(value)
+    return sections
+
+
+def option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def options_for(entries: dict[str, list[tuple[str, type]]]) -> list[click.Option]:
+    """Click options for config fields: ``{field name: [(owner, config class), ...]}``,
+    where several owners (heads, losses) may declare a field of the same name and
+    ``owner`` is "" for the command's own config. Every option's default is None, "not
+    given": the config's own default applies, and a given value overrides a config file.
+    The help shows each owner's default."""
+    options = []
+    for name, owners in entries.items():
+        f = {g.name: g for g in dataclasses.fields(owners[0][1])}[name]
+        defaults = {owner: field_default({g.name: g for g in dataclasses.fields(cls)}[name]) for owner, cls in owners}
+        shown = {_show(v) for v in defaults.values()}
+        show = shown.pop() if len(shown) == 1 else "; ".join(f"{o}: {_show(v)}" for o, v in defaults.items())
+        help_text = f.metadata.get("help", "")
+        if owners[0][0]:
+            help_text = f"[{', '.join(o for o, _ in owners)}] {help_text}"
+        kind, choices = field_type(owners[0][1], name), field_choices(f)
+        if kind is bool:
+            decls = [f"{option_name(name)}/--no-{name.replace('_', '-')}", name]
+            options.append(click.Option(decls, default=None, help=help_text, show_default=show))
+            continue
+        if kind is tuple:
+            click_type = click.STRING
+            help_text += " Comma list" + (f" from {', '.join(choices)}." if choices else ".")
+        elif choices:
+            click_type = click.Choice([str(c) for c in choices])
+        else:
+            click_type = {int: click.INT, float: click.FLOAT}.get(kind, click.STRING)
+        options.append(click.Option([option_name(name), name], type=click_type, default=None, help=help_text,
+                                    show_default=show))
+    return options
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value) or "(none)"
+    return str(value)
+
+
+class DerivedOptionsCommand(click.Command):
+    """A click command whose config options are derived when first needed (parsing or
+    help), so that building the command line (``tmass --help``) imports no model code.
+    ``derive()`` returns the extra options."""
+
+    def __init__(self, *args, derive, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._derive = derive
+        self._derived = False
+
+    def get_params(self, ctx):
+        if not self._derived:
+            self.params.extend(self._derive())
+            self._derived = True
+        return super().get_params(ctx)
