@@ -1,30 +1,55 @@
 """Dataset adapters: the annotation formats the community distributes -> videos and captions.
 
 Each adapter reads one dataset's files under ``--data-root`` and returns a
-:class:`SplitData`: the split's videos (sorted by id, each with the path its file should
-have) and its captions (``text_id`` = ``<video_id>#<k>``, k the caption's position among
-that video's captions in the annotation). Each adapter's docstring is its expected
-directory layout; a root that does not match raises :class:`LayoutError` quoting that
-layout and listing what was found.
+:class:`SplitData`: the split's videos (sorted by id, each with the path of its file) and
+its captions (``text_id`` = ``<video_id>#<k>``, k the caption's position among that
+video's captions in the annotation). Each adapter's docstring is its expected directory
+layout and the standard protocol's split sizes; a root that does not match raises
+:class:`LayoutError` quoting that layout and listing what was found. A dataset's splits
+are :data:`DATASET_SPLITS`.
 
-Annotation files are read as UTF-8 with undecodable bytes kept as escapes, so one bad
-caption costs that caption, not the file: a caption that is empty or not valid UTF-8 is
-skipped and recorded in ``SplitData.failed`` (id, path, reason). A video listed in the
-annotation but absent on disk is kept: the decoder records it as ``missing file``.
+Reading rules, the same in every adapter:
+
+* **Captions arrive exactly.** A caption is the annotation's field, character for
+  character: no whitespace stripping, no Unicode normalisation, no line splitting. Files
+  are decoded as UTF-8 with a leading byte-order mark dropped (``utf-8-sig``), so a BOM
+  never eats the first row. Lines end only at ``\\n``, ``\\r\\n`` or ``\\r``, never at
+  U+2028, U+0085 or a form feed (which ``str.splitlines`` would split). CSV files go
+  through :mod:`csv` as a whole, so quoted fields keep embedded newlines, quotes and
+  commas; tab-separated files (LSMDC) are read with quoting off, so a caption that
+  begins with a quote character is kept whole. The one caption built rather than read
+  is DiDeMo's paragraph (its descriptions joined by single spaces). Undecodable bytes
+  are kept as escapes, so one bad caption costs that caption, not the file: a caption
+  that is blank or not valid UTF-8 is skipped and recorded in ``SplitData.failed``
+  (id, path, reason), as is a malformed annotation row.
+* **Videos are found under the names the datasets ship them with.** The video folder is
+  indexed once (every file at any depth; hidden files and folders, whose names start
+  with a dot, are left out). A video named ``N`` in the annotation is the
+  file named exactly ``N``; failing that, a file whose *stem* is ``N`` or ``N`` without
+  its container extension (or trailing bare dot), with any extension of
+  :data:`VIDEO_EXTENSIONS` in any case: ``abc.mov`` is found as ``abc.mov``, then as
+  ``abc.mov.mp4`` or ``abc.MP4``. A stem is everything before the final extension
+  (``a.b.mp4`` -> ``a.b``). Two files that could both be one video are a
+  :class:`LayoutError` naming both, never an arbitrary pick. A video absent on disk is
+  kept, with the path it was expected at: the decoder records it as ``missing file``.
 """
 
 from __future__ import annotations
 
 import csv
 import inspect
+import io
 import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SPLITS = ("train", "test")
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv", ".ts"}
+SPLITS = ("train", "val", "test")  # every named split; a dataset has some of them (DATASET_SPLITS)
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".mov", ".avi", ".m4v", ".3gp", ".3g2", ".mts", ".m2ts", ".ts", ".mpg", ".mpeg", ".wmv", ".flv",
+    ".webm", ".mkv", ".ogv",
+})
 
 
 class LayoutError(Exception):
@@ -47,7 +72,9 @@ class Caption:
 @dataclass
 class SplitData:
     """One split as the adapter read it. ``videos`` are sorted by id and unique;
-    ``captions`` follow the video order; ``failed`` lists captions rejected on reading."""
+    ``captions`` follow the video order; ``failed`` lists captions rejected on reading.
+    ``incremental``: videos may be added to the data root later, and extraction appends
+    them in new partitions instead of re-planning the split (the ``folder`` dataset)."""
 
     dataset: str
     split: str
@@ -55,9 +82,10 @@ class SplitData:
     captions: list[Caption]
     failed: list[dict] = field(default_factory=list)
     notes: dict = field(default_factory=dict)
+    incremental: bool = False
 
 
-# ----------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------- reading annotations
 
 
 def _layout(adapter: Callable) -> str:
@@ -88,20 +116,16 @@ def _video_dir(adapter: Callable, root: Path, candidates: Iterable[str]) -> Path
         f"Expected layout:\n{_layout(adapter)}\nFound: {_listing(root)}")
 
 
-def _index_videos(folder: Path) -> dict[str, Path]:
-    """Video files at any depth under ``folder``, by file stem."""
-    index = {}
-    for directory, _, names in os.walk(folder):
-        for name in names:
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in VIDEO_EXTENSIONS:
-                index.setdefault(stem, Path(directory) / name)
-    return index
-
-
 def _read_text(path: Path) -> str:
-    # surrogateescape keeps undecodable bytes as lone surrogates, caught per caption
-    return path.read_text(encoding="utf-8", errors="surrogateescape")
+    # utf-8-sig drops a BOM; surrogateescape keeps undecodable bytes as lone surrogates,
+    # caught per caption by caption_problem
+    return path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+
+
+def _lines(path: Path) -> io.StringIO:
+    """The file as a text stream whose lines end only at \\n, \\r\\n or \\r (newline=''
+    leaves the endings to the csv module, which needs them untranslated)."""
+    return io.StringIO(_read_text(path), newline="")
 
 
 def _read_json(path: Path):
@@ -111,17 +135,42 @@ def _read_json(path: Path):
         raise LayoutError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+def _read_ids(path: Path) -> list[str]:
+    """One id per line; surrounding whitespace and blank lines are not part of any id."""
+    return [line.strip() for line in _lines(path) if line.strip()]
 
 
-def _read_csv(path: Path, columns: list[str]) -> list[dict]:
-    reader = csv.DictReader(_read_text(path).splitlines())
+def _read_csv(path: Path, columns: list[str]) -> tuple[list[dict], list[dict]]:
+    """Rows of a CSV file with a header, and the rows too short to hold ``columns``."""
+    reader = csv.DictReader(_lines(path))
     header = reader.fieldnames or []
     missing = [c for c in columns if c not in header]
     if missing:
         raise LayoutError(f"{path}: expected columns {', '.join(columns)}; the header has {', '.join(header) or 'nothing'}")
-    return list(reader)
+    rows, failed = [], []
+    for row in reader:
+        if any(row[c] is None for c in columns):
+            failed.append({"id": f"line {reader.line_num}", "path": str(path),
+                           "reason": f"malformed annotation row (fewer fields than the header's {len(header)})"})
+        else:
+            rows.append(row)
+    return rows, failed
+
+
+def _read_tsv(path: Path, n_fields: int) -> tuple[list[list[str]], list[dict]]:
+    """Rows of a headerless tab-separated file with quoting off (a field may begin with a
+    quote character), and the lines that do not have ``n_fields`` fields."""
+    reader = csv.reader(_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows, failed = [], []
+    for fields in reader:
+        if not fields or fields == [""]:
+            continue
+        if len(fields) != n_fields:
+            failed.append({"id": f"line {reader.line_num}", "path": str(path),
+                           "reason": f"malformed annotation line ({len(fields)} tab-separated fields, expected {n_fields})"})
+        else:
+            rows.append(fields)
+    return rows, failed
 
 
 def caption_problem(text: str) -> str | None:
@@ -135,12 +184,74 @@ def caption_problem(text: str) -> str | None:
     return None
 
 
-def _assemble(dataset: str, split: str, video_ids: Iterable[str], captions: dict[str, list[str]],
-              folder: Path, default_ext: str, source: Path, notes: dict | None = None) -> SplitData:
-    """Videos (deduplicated, sorted) with paths from the folder index, and their
-    captions; videos missing on disk get the path they were expected at."""
-    index = _index_videos(folder)
-    videos = [Video(v, index.get(v, folder / f"{v}{default_ext}")) for v in sorted(set(video_ids))]
+def _by_video(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for video_id, text in pairs:
+        grouped.setdefault(video_id, []).append(text)
+    return grouped
+
+
+# ---------------------------------------------------------------------- finding videos
+
+
+def _container(name: str) -> str | None:
+    """The name without its container extension or bare trailing dot, or None if it has
+    neither."""
+    stem, ext = os.path.splitext(name)
+    return stem if ext == "." or ext.lower() in VIDEO_EXTENSIONS else None
+
+
+class _VideoIndex:
+    """Every file at any depth under a folder, listed once, by name (``relative``: by
+    path relative to the folder, with / separators) and, for files with a container
+    extension, by stem. Hidden files and folders (names starting with a dot) are left
+    out."""
+
+    def __init__(self, folder: Path, relative: bool = False):
+        self.folder = folder
+        self.exact: dict[str, list[Path]] = {}
+        self.stems: dict[str, list[Path]] = {}
+        for directory, dirs, names in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(n for n in names if not n.startswith(".")):
+                path = Path(directory, name)
+                key = path.relative_to(folder).as_posix() if relative else name
+                self.exact.setdefault(key, []).append(path)
+                stem, ext = os.path.splitext(key)
+                if ext.lower() in VIDEO_EXTENSIONS:
+                    self.stems.setdefault(stem, []).append(path)
+
+    def videos(self) -> list[str]:
+        """The keys of the files with a container extension, sorted."""
+        return sorted(k for k in self.exact if os.path.splitext(k)[1].lower() in VIDEO_EXTENSIONS)
+
+    def find(self, name: str) -> list[Path]:
+        """The files that could be video ``name``: the exact name if present, else every
+        file whose stem is the name with or without its container extension."""
+        if name in self.exact:
+            return self.exact[name]
+        bare = _container(name)
+        return self.stems.get(name, []) + (self.stems.get(bare, []) if bare is not None else [])
+
+    def resolve(self, names: Iterable[str], default_ext: str) -> dict[str, Path]:
+        """The path of each named video; a missing one gets the path it was expected at."""
+        paths, clashes = {}, []
+        for name in names:
+            found = self.find(name)
+            if len(found) > 1:
+                clashes.append(f"{name}: {', '.join(str(p) for p in found)}")
+            elif found:
+                paths[name] = found[0]
+            else:
+                paths[name] = self.folder / (name if _container(name) is not None else name + default_ext)
+        if clashes:
+            raise LayoutError(f"{self.folder}: {len(clashes)} videos match more than one file ({'; '.join(clashes[:3])}"
+                              f"{' ...' if len(clashes) > 3 else ''}); keep one file per video")
+        return paths
+
+
+def _screen(videos: list[Video], captions: dict[str, list[str]], source: Path) -> tuple[list[Caption], list[dict]]:
+    """The captions of ``videos`` in video order, and those that cannot be used."""
     kept, failed = [], []
     for video in videos:
         for k, text in enumerate(captions.get(video.id, [])):
@@ -149,17 +260,22 @@ def _assemble(dataset: str, split: str, video_ids: Iterable[str], captions: dict
             if problem:
                 failed.append({"id": text_id, "path": str(source), "reason": problem})
             else:
-                kept.append(Caption(text_id, video.id, text.strip()))
-    if not videos:
+                kept.append(Caption(text_id, video.id, text))
+    return kept, failed
+
+
+def _assemble(dataset: str, split: str, video_ids: Iterable[str], captions: dict[str, list[str]],
+              folder: Path, default_ext: str, source: Path, failed: list[dict] = (),
+              notes: dict | None = None) -> SplitData:
+    """Videos (deduplicated, sorted) with their files found in ``folder``, and their
+    captions; ``failed`` holds rows already rejected while reading."""
+    ids = sorted(set(video_ids))
+    if not ids:
         raise LayoutError(f"{source}: no videos for split {split!r}")
-    return SplitData(dataset, split, videos, kept, failed, notes or {})
-
-
-def _by_video(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for video_id, text in pairs:
-        grouped.setdefault(video_id, []).append(text)
-    return grouped
+    paths = _VideoIndex(folder).resolve(ids, default_ext)
+    videos = [Video(v, paths[v]) for v in ids]
+    kept, rejected = _screen(videos, captions, source)
+    return SplitData(dataset, split, videos, kept, [*failed, *rejected], notes or {})
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -172,15 +288,19 @@ def msrvtt(root: Path, split: str) -> SplitData:
         MSRVTT_JSFUSION_test.csv  1k-A test: key,vid_key,video_id,sentence (1,000 videos, one caption each)
         videos/all/<video_id>.mp4 (or vids/ as X-Pool lays it out, or videos/)
 
-    The test split needs only the test CSV and the videos."""
+    The standard protocol (1k-A): 9,000 train videos with their 180,000 captions, in
+    ``sen_id`` order; 1,000 test videos with one caption each. The test split needs only
+    the test CSV and the videos."""
     if split == "test":
         _require(msrvtt, root, ["MSRVTT_JSFUSION_test.csv"])
         source = root / "MSRVTT_JSFUSION_test.csv"
-        captions = _by_video((r["video_id"], r["sentence"]) for r in _read_csv(source, ["video_id", "sentence"]))
+        rows, failed = _read_csv(source, ["video_id", "sentence"])
+        captions = _by_video((r["video_id"], r["sentence"]) for r in rows)
         ids = list(captions)
     else:
         _require(msrvtt, root, ["MSRVTT_data.json", "MSRVTT_train.9k.csv"])
-        ids = [r["video_id"] for r in _read_csv(root / "MSRVTT_train.9k.csv", ["video_id"])]
+        rows, failed = _read_csv(root / "MSRVTT_train.9k.csv", ["video_id"])
+        ids = [r["video_id"] for r in rows]
         source = root / "MSRVTT_data.json"
         data = _read_json(source)
         if "sentences" not in data:
@@ -189,7 +309,7 @@ def msrvtt(root: Path, split: str) -> SplitData:
         sentences = sorted((s for s in data["sentences"] if s["video_id"] in wanted), key=lambda s: s.get("sen_id", 0))
         captions = _by_video((s["video_id"], s["caption"]) for s in sentences)
     folder = _video_dir(msrvtt, root, ("videos/all", "vids", "videos"))
-    return _assemble("msrvtt", split, ids, captions, folder, ".mp4", source)
+    return _assemble("msrvtt", split, ids, captions, folder, ".mp4", source, failed)
 
 
 def vatex(root: Path, split: str) -> SplitData:
@@ -200,14 +320,15 @@ def vatex(root: Path, split: str) -> SplitData:
         test_list.txt               retrieval test split: one videoID per line (1,500)
         videos/<videoID>.mp4
 
-    English captions only; all 10 captions of a test video are queries."""
+    The standard protocol: 25,991 train and 1,500 test videos, as the lists say. English
+    captions only; all 10 captions of a test video are queries."""
     lists = {"train": "train_list.txt", "test": "test_list.txt"}
     _require(vatex, root, ["vatex_training_v1.0.json", "vatex_validation_v1.0.json", lists[split]])
     captions = {}
     for name in ("vatex_training_v1.0.json", "vatex_validation_v1.0.json"):
         for item in _read_json(root / name):
             captions[item["videoID"]] = list(item["enCap"])
-    ids = _read_lines(root / lists[split])
+    ids = _read_ids(root / lists[split])
     unknown = [v for v in ids if v not in captions]
     if unknown:
         raise LayoutError(f"{root / lists[split]}: {len(unknown)} ids are in neither official json, e.g. {unknown[:3]}")
@@ -216,42 +337,44 @@ def vatex(root: Path, split: str) -> SplitData:
 
 def didemo(root: Path, split: str) -> SplitData:
     """DATA_ROOT/
-        train_data.json   CLIP4Clip's: [{"video": "<file name>", "description": "...", "times": [[s, e], ...]}, ...]
-        test_data.json
-        videos/<file name>  (the json's "video" field; the same stem with another extension is accepted)
+        {train,val,test}_list.txt   the split: one video name per line
+        {train,val,test}_data.json  CLIP4Clip's: [{"video": "<name>", "description": "...", "times": [[s, e], ...]}, ...]
+        videos/<name>               at any depth; transcoded copies (<name>.mp4, <stem>.mp4) are found too
 
-    Paragraph-to-video retrieval: all descriptions of a video, in annotation order, joined
-    by spaces into one caption (the CLIP4Clip / X-Pool convention)."""
-    name = f"{split}_data.json"
-    _require(didemo, root, [name])
-    pairs = [(Path(item["video"]).stem, item["description"]) for item in _read_json(root / name)]
-    paragraphs = {v: [" ".join(d.strip() for d in texts if d.strip())] for v, texts in _by_video(pairs).items()}
-    return _assemble("didemo", split, paragraphs, paragraphs, _video_dir(didemo, root, ["videos"]), ".mp4", root / name)
+    The standard protocol (CLIP4Clip's files): 8,395 train, 1,065 val and 1,004 test
+    videos, the ones the list names; a video the json describes but the list does not
+    name is not in the split. A video's id is its name as listed: a Flickr id, usually
+    with the original extension (``.mov``, ``.3gp``, ``.MP4`` ...), sometimes with none or
+    with a bare trailing dot. Paragraph-to-video retrieval: a video's descriptions, in
+    annotation order, joined by single spaces into one caption (the CLIP4Clip / X-Pool
+    convention)."""
+    names = {"list": f"{split}_list.txt", "json": f"{split}_data.json"}
+    _require(didemo, root, names.values())
+    listed = _read_ids(root / names["list"])
+    source = root / names["json"]
+    descriptions = _by_video((item["video"], item["description"]) for item in _read_json(source))
+    undescribed = [v for v in listed if v not in descriptions]
+    if undescribed:
+        raise LayoutError(f"{root / names['list']}: {len(undescribed)} listed videos have no description in {source.name}, "
+                          f"e.g. {undescribed[:3]}")
+    paragraphs = {v: [" ".join(descriptions[v])] for v in listed}
+    return _assemble("didemo", split, listed, paragraphs, _video_dir(didemo, root, ["videos"]), "", source)
 
 
 def lsmdc(root: Path, split: str) -> SplitData:
     """DATA_ROOT/
-        LSMDC16_annos_training.csv             train, tab-separated, no header:
+        LSMDC16_annos_training.csv             train, tab-separated, no header, no quoting:
                                                clip_id, start_aligned, end_aligned, start_extracted, end_extracted, sentence
         LSMDC16_challenge_1000_publictect.csv  the 1,000-clip public test (the file name's typo is official), same columns
-        videos/<movie>/<clip_id>.avi           (any depth under videos/; matched by file stem)
+        videos/<movie>/<clip_id>.avi           (any depth under videos/)
 
-    A clip id may carry several sentences in train; each is a caption."""
+    The standard protocol: the 1,000 clips of the public test, one sentence each. A clip
+    id may carry several sentences in train; each is a caption."""
     name = {"train": "LSMDC16_annos_training.csv", "test": "LSMDC16_challenge_1000_publictect.csv"}[split]
     _require(lsmdc, root, [name])
-    pairs, failed = [], []
-    for number, line in enumerate(_read_text(root / name).splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 6:
-            failed.append({"id": f"line {number}", "path": str(root / name), "reason": f"malformed annotation line ({len(fields)} tab-separated fields, expected 6)"})
-            continue
-        pairs.append((fields[0], fields[5]))
-    captions = _by_video(pairs)
-    data = _assemble("lsmdc", split, captions, captions, _video_dir(lsmdc, root, ["videos"]), ".avi", root / name)
-    data.failed[:0] = failed
-    return data
+    rows, failed = _read_tsv(root / name, 6)
+    captions = _by_video((fields[0], fields[5]) for fields in rows)
+    return _assemble("lsmdc", split, captions, captions, _video_dir(lsmdc, root, ["videos"]), ".avi", root / name, failed)
 
 
 CHARADES_FIELDS = ("script", "descriptions")
@@ -263,16 +386,18 @@ def charades(root: Path, split: str, caption_field: str = "script") -> SplitData
         Charades_v1_test.csv
         Charades_v1_480/<id>.mp4 (or videos/)
 
-    The caption is the ``script`` column by default (what the retrieval papers use), or
+    The standard protocol: 7,985 train and 1,863 test videos, one caption each. The
+    caption is the ``script`` column by default (what the retrieval papers use), or
     ``descriptions`` (--caption-field descriptions)."""
     if caption_field not in CHARADES_FIELDS:
         raise ValueError(f"charades caption field must be one of {CHARADES_FIELDS}, got {caption_field!r}")
     name = f"Charades_v1_{split}.csv"
     _require(charades, root, [name])
-    rows = _read_csv(root / name, ["id", caption_field])
+    rows, failed = _read_csv(root / name, ["id", caption_field])
     captions = _by_video((r["id"], r[caption_field]) for r in rows)
     folder = _video_dir(charades, root, ["Charades_v1_480", "videos"])
-    return _assemble("charades", split, captions, captions, folder, ".mp4", root / name, {"caption_field": caption_field})
+    return _assemble("charades", split, captions, captions, folder, ".mp4", root / name, failed,
+                     {"caption_field": caption_field})
 
 
 def demo(root: Path, split: str) -> SplitData:
@@ -292,8 +417,77 @@ def demo(root: Path, split: str) -> SplitData:
     return _assemble("demo", split, captions, captions, root / "videos", ".mp4", source)
 
 
+FOLDER_CAPTIONS = ("captions.csv", "captions.jsonl")
+
+
+def folder(root: Path, split: str) -> SplitData:
+    """DATA_ROOT/
+        **/<name>.<ext>   every video file at any depth, <ext> one of VIDEO_EXTENSIONS in any case
+        captions.csv      optional: columns video_id,caption (a header row, CSV quoting)
+        captions.jsonl    optional, instead: one {"video_id": ..., "caption": ...} per line
+
+    Any folder of videos, as one split named ``all``. A video's id is its path relative
+    to DATA_ROOT with / separators (``trips/2023/dive.MOV``). Hidden files and folders
+    (names starting with a dot) are left out. Captions are optional; a caption's
+    video_id is matched like a dataset's video name (the exact path, then the path
+    without its extension), and a caption naming no video, or two, is skipped and
+    listed. Videos added later are extracted incrementally: an extraction keeps the
+    partitions already made and appends the new videos in new ones."""
+    index = _VideoIndex(root, relative=True)
+    ids = index.videos()
+    if not ids:
+        raise LayoutError(f"{root}: no video files at any depth (looked for {', '.join(sorted(VIDEO_EXTENSIONS))}, any case)")
+    present = [name for name in FOLDER_CAPTIONS if (root / name).is_file()]
+    if len(present) > 1:
+        raise LayoutError(f"{root}: both {' and '.join(present)}; keep one captions file")
+    source = root / (present[0] if present else FOLDER_CAPTIONS[0])
+    if not present:
+        rows, failed = [], []
+    elif source.suffix == ".csv":
+        rows, failed = _read_csv(source, ["video_id", "caption"])
+    else:
+        rows, failed = _read_jsonl(source, ["video_id", "caption"])
+    known = set(ids)
+    captions: dict[str, list[str]] = {}
+    for row in rows:
+        matches = [m for m in (p.relative_to(root).as_posix() for p in index.find(row["video_id"])) if m in known]
+        if len(matches) == 1:
+            captions.setdefault(matches[0], []).append(row["caption"])
+        else:
+            failed.append({"id": row["video_id"], "path": str(source), "reason":
+                           f"caption names {len(matches)} video files ({', '.join(matches)})" if matches
+                           else "caption names no video file under the data root"})
+    videos = [Video(v, root / v) for v in ids]
+    kept, rejected = _screen(videos, captions, source)
+    return SplitData("folder", split, videos, kept, [*failed, *rejected], {"data_root": str(root.resolve())},
+                     incremental=True)
+
+
+def _read_jsonl(path: Path, keys: list[str]) -> tuple[list[dict], list[dict]]:
+    """Objects of a JSON-lines file holding ``keys``, and the lines that are not."""
+    rows, failed = [], []
+    for number, line in enumerate(_read_text(path).split("\n"), 1):  # a JSON string may hold a raw U+2028
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            row = {key: item[key] for key in keys}
+            if not all(isinstance(value, str) for value in row.values()):
+                raise TypeError
+            rows.append(row)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            failed.append({"id": f"line {number}", "path": str(path),
+                           "reason": f"malformed annotation line (expected a JSON object with {', '.join(keys)})"})
+    return rows, failed
+
+
 ADAPTERS: dict[str, Callable[..., SplitData]] = {
     "msrvtt": msrvtt, "vatex": vatex, "didemo": didemo, "lsmdc": lsmdc, "charades": charades, "demo": demo,
+    "folder": folder,
+}
+DATASET_SPLITS: dict[str, tuple[str, ...]] = {
+    "msrvtt": ("train", "test"), "vatex": ("train", "test"), "didemo": ("train", "val", "test"),
+    "lsmdc": ("train", "test"), "charades": ("train", "test"), "demo": ("train", "test"), "folder": ("all",),
 }
 
 
@@ -301,11 +495,12 @@ def load_split(dataset: str, root: Path, split: str, caption_field: str | None =
     """Read one split of a dataset. ``caption_field`` applies to charades only."""
     if dataset not in ADAPTERS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(ADAPTERS)}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in DATASET_SPLITS[dataset]:
+        raise ValueError(f"{dataset} has the splits {', '.join(DATASET_SPLITS[dataset])}, not {split!r}")
     root = Path(root)
     if dataset != "demo" and not root.is_dir():
-        raise LayoutError(f"{root}: data root does not exist.\nExpected layout for {dataset}:\n{_layout(ADAPTERS[dataset])}")
+        what = "is a file, not a folder" if root.is_file() else "does not exist"
+        raise LayoutError(f"{root}: data root {what}.\nExpected layout for {dataset}:\n{_layout(ADAPTERS[dataset])}")
     if caption_field is not None:
         if dataset != "charades":
             raise ValueError("--caption-field applies to charades only")

@@ -14,14 +14,19 @@ readers' NaN checks pass, and never mistaken for a frame since the mask says so)
 Frames are never repeated, so mean pooling over the mask is the clip's true mean.
 
 Decoding uses decord with one thread per reader (parallelism comes from the loader's
-worker processes). A file that cannot be read raises :class:`VideoError` whose
-``reason`` is short and stable enough to summarise: ``missing file``,
-``zero-length file``, ``no decodable video stream (unsupported codec?)``,
-``no frames`` or ``undecodable: <decoder message>``.
+worker processes). A file that cannot be used raises :class:`VideoError` whose
+``reason`` says what happened, short and stable enough to summarise (the part before
+any colon is its kind): ``missing file``, ``permission denied``, ``a directory, not a
+video file``, ``not a regular file`` (a device or pipe), ``zero-length file``,
+``unreadable: <system message>``, ``no decodable video stream (unsupported codec?)``,
+``undecodable: <decoder message>`` or ``too short: no frames``. The file is checked
+(and its first byte read) before the decoder sees it, so a permission error is never
+reported as undecodable.
 """
 
 from __future__ import annotations
 
+import stat
 import zlib
 from pathlib import Path
 
@@ -77,28 +82,58 @@ def read_frames(path: Path, num_frames: int, mode: str = "uniform", seed: int = 
     import decord
 
     path = Path(path)
-    if not path.is_file():
-        raise VideoError("missing file")
-    if path.stat().st_size == 0:
-        raise VideoError("zero-length file")
+    _check_file(path)
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
         n_available = len(reader)
         if n_available == 0:
-            raise VideoError("no frames")
+            raise VideoError("too short: no frames")
         index, mask = sample_indices(n_available, num_frames, mode, video_rng(seed, video_id))
         frames = reader.get_batch(index[mask].tolist()).asnumpy()
     except VideoError:
         raise
     except Exception as exc:  # decord raises RuntimeError or its own DECORDError
-        raise VideoError(_reason(exc)) from exc
+        raise VideoError(_reason(path, exc)) from exc
     return frames, index, mask
 
 
-def _reason(exc: Exception) -> str:
+def _check_file(path: Path) -> None:
+    """Raise :class:`VideoError` if ``path`` cannot be a readable video file."""
+    try:
+        status = path.stat()  # follows links: a broken one is a missing file
+        if stat.S_ISDIR(status.st_mode):
+            raise VideoError("a directory, not a video file")
+        if not stat.S_ISREG(status.st_mode):
+            raise VideoError("not a regular file")  # opening a pipe would block
+        if status.st_size == 0:
+            raise VideoError("zero-length file")
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except FileNotFoundError:
+        raise VideoError("missing file") from None
+    except PermissionError:
+        raise VideoError("permission denied") from None
+    except OSError as exc:
+        raise VideoError(f"unreadable: {exc.strerror or exc}") from None
+
+
+def _reason(path: Path, exc: Exception) -> str:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "cannot find video stream" in message:
         return "no decodable video stream (unsupported codec?)"
     # decord prefixes messages with a timestamp and a source location; keep the gist
     gist = message.split("ERROR", 1)[-1].split("Error:", 1)[-1].strip(" :")
-    return f"undecodable: {gist[:200]}"
+    return f"undecodable: {(_ffmpeg_error(path) or gist)[:200]}"
+
+
+def _ffmpeg_error(path: Path) -> str | None:
+    """FFmpeg's own words for why ``path`` does not open, or None if it opens. decord
+    only logs them, raising a bare "Error reading <path>"; PyAV wraps the same FFmpeg
+    and raises them."""
+    import av
+
+    try:
+        av.open(str(path)).close()
+    except av.FFmpegError as exc:
+        return exc.strerror
+    return None
