@@ -49,6 +49,9 @@ def plot_sweep(sweep, rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+STEP_FIELDS = ("step", "epoch", "lr", "logit_scale")  # of a log.jsonl step record; the other keys are losses
+
+
 def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
     """Loss terms, validation R@1 (where the run validated), logit scale and learning
     rate against the optimisation step of one run, from its ``log.jsonl``."""
@@ -56,7 +59,9 @@ def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "lr" in r and "total" in r]
     vals = [r for r in records if r.get("event") == "val"]
-    terms = [k for k in ("ce", "s", "sup") if any(k in r for r in steps)]
+    # loss terms are whatever the run logged besides the step's schedule fields: the
+    # loss's terms per text variant, their parts, and the weighted total
+    terms = list(dict.fromkeys(k for r in steps for k in r if k not in STEP_FIELDS and k != "total"))
     terms += ["total"] if len(terms) > 1 else []  # one term is its own total: draw it once
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     x = np.array([r["step"] for r in steps])

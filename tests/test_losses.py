@@ -150,3 +150,29 @@ def test_every_registered_loss_trains_a_tmass_head(loss, tiny_features, tmp_path
     assert torch.tensor([r["total"] for r in steps[-5:]]).mean() < torch.tensor([r["total"] for r in steps[:5]]).mean()
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["loss"] == loss and config["train"]["loss_options"] == build_loss(loss).cfg.__dict__
+
+
+def test_training_curves_draw_the_terms_the_log_names(monkeypatch, tmp_path):
+    """Whatever terms a loss logs are drawn, by their logged names; a lone term is its own total."""
+    from tmass.evaluate import figures
+
+    drawn = {}
+
+    def keep(fig, path):
+        drawn["fig"] = fig
+        return path
+
+    monkeypatch.setattr(figures, "_save", keep)
+    (tmp_path / "config.json").write_text(json.dumps({"head": {"head": "tmass"}}))
+    for terms, expected in (({"s": 1.0, "s.t2v": 0.4, "sup": 2.0, "total": 2.6}, ["s", "s.t2v", "sup", "total"]),
+                            ({"ce": 1.0, "total": 1.0}, ["ce"])):
+        records = [{"event": "start", "step": 0}] + [
+            {"step": i, "epoch": 0, "lr": 1e-3, **{k: v / i for k, v in terms.items()}, "logit_scale": 100.0}
+            for i in range(1, 4)]
+        (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        drawn.clear()
+        figures.plot_training_curves(tmp_path)
+        axis = drawn["fig"].axes[0]
+        assert [t.get_text() for t in axis.get_legend().get_texts()] == expected
+        assert [list(line.get_ydata()) for line in axis.get_lines()] == [[terms[k] / i for i in (1, 2, 3)] for k in expected]
+        figures.plt.close(drawn["fig"])
