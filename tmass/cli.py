@@ -11,6 +11,7 @@ from tmass.extract.cli import extract
 from tmass.evaluate.cli import evaluate
 from tmass.features.cli import features
 from tmass.report import report
+from tmass.search_cli import index, search
 from tmass.sweep import ablate
 from tmass.train.cli import train
 
@@ -34,3 +35,5 @@ main.add_command(train)
 main.add_command(evaluate)
 main.add_command(ablate)
 main.add_command(report)
+main.add_command(index)
+main.add_command(search)

@@ -1,0 +1,598 @@
+"""Search a collection of videos with text or a video: a two-stage index over a features split.
+
+An index directory (``tmass index``) holds::
+
+    index.json          provenance: the features split and its manifest hash, the encoder
+                        (model, weights label, seed of a random init, whether the query
+                        encoder reproduces the split's own caption embeddings), the head's
+                        checkpoint and its sha256, the first stage, the data root
+    video_ids.json      [n_video], row order of everything below
+    first-stage.faiss   pooled video embeddings [n_video, dim], unit rows, in faiss
+    frames.npy          [n_video, n_frames, dim] float16, with frame_mask.npy
+                        [n_video, n_frames]: only with a head, which re-ranks on frames
+    head.pt             a copy of the checkpoint (so the index outlives the run)
+    model/<name>.json   the open_clip model config, when open_clip does not ship it
+
+**Scores.** Without a head a video is meanP, the mean of its L2-normalised frames, and a
+score is CLIP's cosine of the query with it. With a head, every reported score is the
+head's own leak-free score, from :func:`tmass.evaluate.scores.score_matrix` with the
+query's own id keying the T-MASS noise: so a (query, video) score does not depend on which
+other videos are candidates, and equals what ``tmass eval`` gives the same pair.
+
+**Two stages.** A text-conditioned head cannot be indexed (the pooled video depends on
+the text), so the first stage ranks the meanP embeddings, a text-independent proxy, by
+inner product with the unit query and keeps the ``candidates`` (K) best; the head then
+scores those K and the top ones are reported. K >= n_video is exhaustive search.
+``python -m tmass.search_bench`` measures how much of the exhaustive R@10 a given K keeps.
+
+**First stage.** Exact (faiss ``IndexFlatIP``) up to :data:`EXACT_LIMIT` videos: one
+query reads every embedding, about 20 ms per 100k videos on two cores. Beyond, an
+inverted file (``IndexIVFFlat``, ``sqrt(n)`` lists, ``nprobe`` = 64 of them searched) reads
+about 6 % of a million videos per query. IVF rather than HNSW: its memory is the
+vectors plus the list centroids, it trains in minutes on a CPU, and adding videos later
+needs no graph rebuild; the price, a slightly approximate first stage, is what the
+head's re-ranking of K candidates absorbs.
+
+**Queries** are encoded by the model that made the features (model and weights from the
+manifest; a random-init encoder is rebuilt from the same seed). ``tmass index`` checks
+that this rebuilt encoder reproduces the split's stored caption embeddings and records
+the result; a text or video query is refused when it did not. Simulated features have no
+encoder: they are searched with the captions of a features split (``--query-features``).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import io
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tmass import __version__
+from tmass.features.format import FeatureMeta, SplitArrays, load_split, sha256_file
+
+INDEX_FORMAT = "1"
+INDEX_FILE = "index.json"
+IDS_FILE = "video_ids.json"
+FAISS_FILE = "first-stage.faiss"
+FRAMES_FILE = "frames.npy"
+MASK_FILE = "frame_mask.npy"
+HEAD_FILE = "head.pt"
+MODEL_DIR = "model"
+EXACT_LIMIT = 1_000_000  # exact first stage up to here; an inverted file beyond
+FIRST_STAGES = ("auto", "flat", "ivf")
+CHECK_CAPTIONS = 4  # stored captions re-encoded to verify the query encoder
+CHECK_MIN_COSINE = 0.999  # fp16 storage and GPU autocast stay far above this
+STRIP_FRAMES = 4  # frames per hit in the HTML page and contact sheet
+STRIP_HEIGHT = 72
+
+
+class SearchError(Exception):
+    """A user mistake or an unusable input; the message is one line naming the fix."""
+
+
+@dataclass
+class IndexConfig:
+    """How the first stage is built."""
+
+    first_stage: str = "auto"  # auto: flat (exact) up to EXACT_LIMIT videos, else ivf
+    nprobe: int = 64  # IVF lists searched per query (ignored by flat)
+
+    def __post_init__(self):
+        if self.first_stage not in FIRST_STAGES:
+            raise ValueError(f"first_stage must be one of {FIRST_STAGES}, got {self.first_stage!r}")
+
+
+@dataclass
+class SearchConfig:
+    """One search. ``candidates`` is K, the first stage's output that the head re-ranks
+    (ignored without a head, where the first stage's cosine is the score). ``scoring``:
+    the head's :class:`tmass.evaluate.scores.EvalConfig`; None is its defaults (the
+    paper's M = 20), without a progress bar."""
+
+    top: int = 10
+    candidates: int = 200
+    scoring: object = None  # EvalConfig; typed loosely so that importing this costs no torch
+
+    def eval_config(self):
+        from tmass.evaluate.scores import EvalConfig
+
+        return self.scoring or EvalConfig(progress=False)
+
+
+@dataclass
+class Ranking:
+    """One query's hits, best first: rows ``[top]`` into the index, scores ``[top]``."""
+
+    query: str
+    query_id: str
+    rows: np.ndarray
+    scores: np.ndarray
+    seconds: dict
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def encoder_identity(meta: FeatureMeta) -> dict:
+    """What must agree for two splits' embeddings to live in one space: the model, the
+    weights actually loaded, and the seed where weights are random (random init, or the
+    simulator's world)."""
+    identity = {"source": meta.source, "model": meta.model, "embed_dim": meta.embed_dim,
+                "weights": meta.extra.get("weights", meta.pretrained), "checkpoint_sha256": meta.checkpoint_sha256}
+    if meta.random_init or meta.source == "simulated":
+        identity["seed"] = meta.extra.get("seed", 0)
+    if meta.source == "simulated":
+        world = {k: v for k, v in meta.extra.get("generator", {}).items() if k not in ("name", "train", "test", "videos_per_shard")}
+        identity["generator"] = world
+    return identity
+
+
+def describe_encoder(identity: dict) -> str:
+    if identity["source"] == "simulated":
+        return f"simulated features (seed {identity.get('seed')})"
+    text = f"{identity['model']}, weights {identity['weights']}"
+    if identity["weights"] == "none":
+        text += f" -- RANDOM-INIT ENCODER (seed {identity.get('seed')}): no pretrained knowledge, rankings are noise"
+    return text
+
+
+def pool_frames(frames: np.ndarray, frame_mask: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """meanP: frames ``[n_video, n_frames, dim]``, frame_mask ``[n_video, n_frames]`` ->
+    unit mean of the unit real frames ``[n_video, dim]`` float32 (chunked: frames may be
+    float16 and large)."""
+    out = np.empty((len(frames), frames.shape[2]), np.float32)
+    for start in range(0, len(frames), chunk):
+        block = frames[start:start + chunk].astype(np.float32)
+        block /= np.maximum(np.linalg.norm(block, axis=-1, keepdims=True), 1e-12)
+        mask = frame_mask[start:start + chunk, :, None]
+        out[start:start + chunk] = (block * mask).sum(1) / np.maximum(mask.sum(1), 1)
+    return _unit(out)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def build_first_stage(pooled: np.ndarray, config: IndexConfig, chunk: int = 100_000):
+    """A faiss inner-product index over unit rows ``[n_video, dim]`` (added in chunks, so a
+    caller may pass a memory map)."""
+    import faiss
+
+    n, dim = pooled.shape
+    kind = config.first_stage if config.first_stage != "auto" else ("flat" if n <= EXACT_LIMIT else "ivf")
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        # at least 39 training points per list keeps faiss's k-means sound
+        # sqrt(n) lists: k-means over a million videos then trains in about a minute on two cores
+        lists = int(max(1, min(round(np.sqrt(n)), n // 39)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(n, size=min(n, 64 * lists), replace=False)
+        index.train(np.ascontiguousarray(pooled[np.sort(sample)], np.float32))
+        index.nprobe = min(config.nprobe, lists)
+    for start in range(0, n, chunk):
+        index.add(np.ascontiguousarray(pooled[start:start + chunk], np.float32))
+    return index
+
+
+def first_stage_label(index) -> str:
+    import faiss
+
+    if isinstance(index, faiss.IndexIVF):
+        return f"approximate (faiss IVF, {index.nlist} lists, nprobe {index.nprobe})"
+    return "exact (faiss IndexFlatIP)"
+
+
+def _run_dir_encoder(checkpoint: Path) -> dict | None:
+    """The encoder of the features a checkpoint was trained on, when its run's
+    config.json and those features can still be read (and are the same ones)."""
+    config = checkpoint.parent / "config.json"
+    try:
+        run = json.loads(config.read_text())
+        train_dir = Path(run["features"]) / "train"
+        manifest = json.loads((train_dir / "manifest.json").read_text())
+        if sha256_file(train_dir / "manifest.json") != run["features_manifest_sha256"]["train"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return encoder_identity(FeatureMeta.from_json(manifest["meta"]))
+
+
+def check_checkpoint(checkpoint: Path, meta: FeatureMeta, split_dir: Path) -> tuple[object, dict, str | None]:
+    """Load a head and refuse one made for other features. Returns (head, checkpoint
+    entries, a warning or None)."""
+    from tmass.train.trainer import load_checkpoint
+
+    try:
+        head, info = load_checkpoint(checkpoint, "cpu")
+    except Exception as exc:  # torch.load raises many types for a file that is no checkpoint
+        raise SearchError(f"{checkpoint}: not a readable tmass checkpoint ({type(exc).__name__}: {exc})") from exc
+    if head.cfg.embed_dim != meta.embed_dim:
+        raise SearchError(f"{checkpoint}: head has dim {head.cfg.embed_dim}, features {split_dir} have dim "
+                          f"{meta.embed_dim}: index features made with the encoder the run was trained on")
+    if head.radius is not None and head.cfg.radius == "linear" and head.cfg.num_frames != meta.num_frames:
+        raise SearchError(f"{checkpoint}: linear radius expects {head.cfg.num_frames} frames, features "
+                          f"{split_dir} have {meta.num_frames}")
+    trained_on = _run_dir_encoder(checkpoint)
+    if trained_on is None:
+        return head, info, (f"cannot check which encoder {checkpoint} was trained on (its run's config.json or "
+                            "training features are gone); only the embedding width was checked")
+    if trained_on != encoder_identity(meta):
+        raise SearchError(f"{checkpoint} was trained on features of {describe_encoder(trained_on)}, but {split_dir} "
+                          f"holds {describe_encoder(encoder_identity(meta))}: index features from the run's encoder")
+    return head, info, None
+
+
+def _model_config(meta: FeatureMeta, model: str | None) -> tuple[str, dict]:
+    """The open_clip name and config of the features' model; ``model`` (a name or a
+    config JSON file) is needed only when open_clip does not ship the config."""
+    from tmass.extract.encoder import EncoderError, register_model
+
+    try:
+        name, config = register_model(model or meta.model)
+    except EncoderError as exc:
+        if model:
+            raise SearchError(f"--model {model}: {exc}") from exc
+        raise SearchError(f"the features were made with model {meta.model!r}, which open_clip does not know: pass "
+                          "--model CONFIG.json, the model-config file used for the extraction") from exc
+    if name != meta.model:
+        raise SearchError(f"--model {model} is open_clip model {name!r}, but the features were made with {meta.model!r}")
+    return name, config
+
+
+def verify_query_encoder(encoder, arrays: SplitArrays) -> dict:
+    """Does the rebuilt encoder give the split's own caption embeddings? Re-encodes up to
+    :data:`CHECK_CAPTIONS` stored captions and compares cosines."""
+    if not arrays.captions:
+        return {"status": "unchecked", "reason": "the split has no captions to re-encode"}
+    rows = np.linspace(0, len(arrays.captions) - 1, min(CHECK_CAPTIONS, len(arrays.captions))).round().astype(int)
+    again = _unit(encoder.encode_texts([arrays.captions[r] for r in rows]))
+    stored = _unit(arrays.text_embeddings[rows])
+    cosine = float((again * stored).sum(-1).min())
+    status = "reproduced" if cosine >= CHECK_MIN_COSINE else "mismatch"
+    return {"status": status, "captions": len(rows), "min_cosine": round(cosine, 6)}
+
+
+def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data_root: Path | None = None,
+                model: str | None = None, config: IndexConfig | None = None, progress: bool = True) -> dict:
+    """Write an index of ``split_dir`` into ``out``; returns its ``index.json`` contents.
+    Warnings (things not checkable) are in ``info["warnings"]``."""
+    from tmass.extract.encoder import EncoderError, get_encoder
+    from tmass.features.format import FeatureFormatError
+
+    config = config or IndexConfig()
+    split_dir, out = Path(split_dir), Path(out)
+    try:
+        arrays = load_split(split_dir)
+    except FeatureFormatError as exc:
+        raise SearchError(f"{split_dir}: features fail validation: {exc.problems[0]}") from exc
+    meta = arrays.meta
+    if not arrays.video_ids:
+        raise SearchError(f"{split_dir} holds no videos: nothing to index (were they all skipped? see the manifest's 'failed')")
+    if (out / INDEX_FILE).exists():
+        raise SearchError(f"{out} already holds an index: remove it or choose another --out")
+    warnings = []
+    head = None
+    head_info: dict = {}
+    if checkpoint is not None:
+        head, head_info, warning = check_checkpoint(Path(checkpoint), meta, split_dir)
+        warnings += [warning] if warning else []
+
+    identity = encoder_identity(meta)
+    model_cfg = None
+    check = {"status": "unchecked", "reason": "simulated features have no encoder"}
+    if meta.source == "open_clip":
+        name, model_cfg = _model_config(meta, model)
+        try:
+            encoder = get_encoder(model or meta.model, identity["weights"], "cpu", identity.get("seed", meta.extra.get("seed", 0)))
+            check = verify_query_encoder(encoder, arrays)
+        except EncoderError as exc:
+            check = {"status": "unchecked", "reason": f"encoder not loadable here: {exc}"}
+        if check["status"] != "reproduced":
+            warnings.append(f"query encoder {check['status']}: {check.get('reason') or check}")
+
+    pooled = pool_frames(arrays.frames, arrays.frame_mask)
+    first = build_first_stage(pooled, config)
+    out.mkdir(parents=True, exist_ok=True)
+    import faiss
+
+    faiss.write_index(first, str(out / FAISS_FILE))
+    (out / IDS_FILE).write_text(json.dumps(arrays.video_ids))
+    if head is not None:
+        np.save(out / FRAMES_FILE, arrays.frames)
+        np.save(out / MASK_FILE, arrays.frame_mask)
+        shutil.copyfile(checkpoint, out / HEAD_FILE)
+    if model_cfg is not None:
+        (out / MODEL_DIR).mkdir(exist_ok=True)
+        (out / MODEL_DIR / f"{meta.model}.json").write_text(json.dumps(model_cfg, indent=2))
+    info = {
+        "format": INDEX_FORMAT,
+        "software_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "features": str(split_dir.resolve()),
+        "features_manifest_sha256": arrays.manifest_sha256,
+        "dataset": meta.dataset,
+        "split": meta.split,
+        "n_videos": len(arrays.video_ids),
+        "encoder": identity,
+        "num_frames": meta.num_frames,
+        "frame_sampling": meta.frame_sampling,
+        "text_context_length": meta.extra.get("text_context_length"),
+        "query_encoder_check": check,
+        "head": None if head is None else {
+            "name": head.cfg.head, "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint_sha256": sha256_file(Path(checkpoint)), "selection": head_info.get("selection", "unknown")},
+        "first_stage": first_stage_label(first),
+        "data_root": str(Path(data_root).resolve()) if data_root else meta.extra.get("data_root"),
+        "warnings": warnings,
+    }
+    (out / INDEX_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+# ----------------------------------------------------------------------------- searching
+
+
+class SearchIndex:
+    """An index in memory: first stage, ids and (with a head) frames, memory-mapped."""
+
+    def __init__(self, info: dict, video_ids: list[str], first_stage, frames=None, frame_mask=None, head=None,
+                 path: Path | None = None):
+        self.info, self.video_ids, self.first_stage = info, video_ids, first_stage
+        self.frames, self.frame_mask, self.head, self.path = frames, frame_mask, head, path
+        self._encoder = None
+
+    @classmethod
+    def open(cls, path: Path) -> SearchIndex:
+        import faiss
+
+        path = Path(path)
+        if not (path / INDEX_FILE).is_file():
+            raise SearchError(f"{path}: not an index (no {INDEX_FILE}); build one with `tmass index --features SPLIT --out {path}`")
+        info = json.loads((path / INDEX_FILE).read_text())
+        if info.get("format") != INDEX_FORMAT:
+            raise SearchError(f"{path}: index format {info.get('format')}, this software reads {INDEX_FORMAT}: rebuild it")
+        head = frames = mask = None
+        if info["head"]:
+            from tmass.train.trainer import load_checkpoint
+
+            head, _ = load_checkpoint(path / HEAD_FILE, "cpu")
+            frames = np.load(path / FRAMES_FILE, mmap_mode="r")
+            mask = np.load(path / MASK_FILE, mmap_mode="r")
+        first = faiss.read_index(str(path / FAISS_FILE))
+        return cls(info, json.loads((path / IDS_FILE).read_text()), first, frames, mask, head, path)
+
+    def describe(self) -> str:
+        """One line saying what made every score this index gives."""
+        info = self.info
+        line = f"{info['n_videos']} videos of {info['dataset']}/{info['split']}; encoder {describe_encoder(info['encoder'])}; "
+        if info["head"]:
+            h = info["head"]
+            line += f"scores: {h['name']} head {h['checkpoint']} (selected on {h['selection']}), leak-free"
+        else:
+            line += "scores: CLIP cosine with meanP videos (no head)"
+        return line + f"; first stage {info['first_stage']}"
+
+    # -- queries ------------------------------------------------------------------
+
+    def check_features(self, meta: FeatureMeta, where: Path) -> None:
+        """Refuse query features from another encoder than the index's."""
+        theirs = encoder_identity(meta)
+        if theirs != self.info["encoder"]:
+            raise SearchError(f"{where} was made with {describe_encoder(theirs)}, the index with "
+                              f"{describe_encoder(self.info['encoder'])}: query with features from the index's encoder")
+
+    def encoder(self, device: str = "cpu"):
+        """The query encoder: the features' own model and weights (see the module doc)."""
+        from tmass.extract.encoder import EncoderError, get_encoder
+
+        if self._encoder is not None:
+            return self._encoder
+        identity, check = self.info["encoder"], self.info["query_encoder_check"]
+        if identity["source"] != "open_clip":
+            raise SearchError(f"the index holds {describe_encoder(identity)}: there is no CLIP model to encode a text or "
+                              "video query; search with --query-features SPLIT (captions of features made alike)")
+        if check["status"] == "mismatch":
+            raise SearchError(f"the rebuilt {identity['model']} encoder does not reproduce the indexed features' captions "
+                              f"(cosine {check['min_cosine']}), so its queries would not match: use --query-features")
+        model = identity["model"]
+        if self.path is not None and (self.path / MODEL_DIR / f"{model}.json").is_file():
+            model = str(self.path / MODEL_DIR / f"{model}.json")
+        weights = identity["weights"]
+        if identity["checkpoint_sha256"] and (not Path(weights).is_file() or sha256_file(Path(weights)) != identity["checkpoint_sha256"]):
+            raise SearchError(f"encoder weights {weights} are missing or not the file the features were made with (sha256 differs)")
+        try:
+            self._encoder = get_encoder(model, weights, device, identity.get("seed", 0))
+        except EncoderError as exc:
+            raise SearchError(str(exc).splitlines()[0]) from exc
+        return self._encoder
+
+    def encode_text(self, text: str, device: str = "cpu") -> tuple[np.ndarray, str | None]:
+        """A text query -> ``[1, dim]`` and a warning when CLIP truncates it."""
+        if not text.strip():
+            raise SearchError("the query is empty: give some words, --video FILE or --query-features SPLIT")
+        encoder = self.encoder(device)
+        warning = None
+        context = getattr(encoder.tokenizer, "context_length", None)
+        if context and hasattr(encoder.tokenizer, "encode"):
+            tokens = len(encoder.tokenizer.encode(text)) + 2  # start and end tokens
+            if tokens > context:
+                warning = (f"the query is {tokens} tokens, longer than CLIP's context of {context}: "
+                           f"only its first {context - 2} tokens are searched")
+        return encoder.encode_texts([text]), warning
+
+    def encode_video(self, path: Path, device: str = "cpu") -> np.ndarray:
+        """A video file -> its meanP embedding ``[1, dim]``, sampled and encoded as the
+        indexed videos were."""
+        import torch
+        from PIL import Image
+
+        from tmass.extract.video import VideoError, read_frames
+
+        encoder = self.encoder(device)
+        try:
+            frames, _, _ = read_frames(Path(path), self.info["num_frames"],
+                                       "random" if self.info["frame_sampling"] == "random" else "uniform",
+                                       self.info["encoder"].get("seed", 0), Path(path).name)
+        except VideoError as exc:
+            raise SearchError(f"--video {path}: {exc.reason}") from exc
+        pixels = torch.stack([encoder.preprocess(Image.fromarray(frame)) for frame in frames])
+        embeddings = encoder.encode_images(pixels)[None]  # [1, n_real, dim]
+        return pool_frames(embeddings, np.ones(embeddings.shape[:2], bool))
+
+    # -- ranking ------------------------------------------------------------------
+
+    def first_candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unit queries ``[n_query, dim]`` -> first-stage (cosines, rows), each ``[n_query, k]``
+        best first; rows are -1 where an approximate index found fewer than k."""
+        return self.first_stage.search(np.ascontiguousarray(queries, np.float32), k)
+
+    def rank(self, queries: np.ndarray, query_ids: list[str], labels: list[str], config: SearchConfig,
+             use_head: bool = True) -> list[Ranking]:
+        """queries ``[n_query, dim]`` (raw embeddings) -> one :class:`Ranking` each. The head
+        scores each query's K candidates, sorted by row so that ties break as in an
+        exhaustive pass; ``use_head=False`` ranks by the first stage (video queries)."""
+        import torch
+
+        from tmass.evaluate.scores import score_matrix
+
+        head = self.head if use_head else None
+        scoring = config.eval_config()
+        n = len(self.video_ids)
+        k = min(n, config.candidates if head is not None else config.top)
+        rankings = []
+        for q in range(len(queries)):
+            start = time.perf_counter()
+            cosines, rows = self.first_candidates(_unit(queries[q:q + 1]), k)
+            first = time.perf_counter() - start
+            keep = rows[0] >= 0
+            rows, scores = rows[0][keep], cosines[0][keep]
+            if head is not None:
+                rows = np.sort(rows)
+                scores = score_matrix(
+                    head, torch.from_numpy(np.asarray(queries[q:q + 1], np.float32)), [query_ids[q]],
+                    torch.from_numpy(np.asarray(self.frames[rows], np.float32)), torch.from_numpy(np.asarray(self.frame_mask[rows])),
+                    [self.video_ids[r] for r in rows], scoring)[0]
+            order = np.argsort(-scores, kind="stable")[:config.top]
+            total = time.perf_counter() - start
+            rankings.append(Ranking(labels[q], query_ids[q], rows[order], scores[order],
+                                    {"first_stage": first, "rerank": total - first, "total": total}))
+        return rankings
+
+    # -- output -------------------------------------------------------------------
+
+    def video_paths(self, data_root: Path | None = None) -> tuple[dict[str, Path], str | None]:
+        """Where each video's file is, or why that is unknown: ids relative to the data
+        root (a folder) or the dataset adapter's layout."""
+        root = data_root or self.info.get("data_root")
+        if not root:
+            return {}, "frames not shown: the index does not know where the videos are (pass --data-root DIR)"
+        root = Path(root)
+        if not root.is_dir():
+            return {}, f"frames not shown: data root {root} does not exist"
+        paths = {v: root / v for v in self.video_ids[:1] if (root / v).is_file()}
+        if paths:
+            return {v: root / v for v in self.video_ids}, None
+        from tmass.extract.datasets import LayoutError, load_split as load_annotations
+
+        try:
+            videos = load_annotations(self.info["dataset"], root, self.info["split"]).videos
+        except (LayoutError, ValueError, OSError) as exc:
+            return {}, f"frames not shown: cannot map video ids to files under {root} ({str(exc).splitlines()[0]})"
+        return {v.id: v.path for v in videos}, None
+
+
+def hits(index: SearchIndex, ranking: Ranking) -> list[dict]:
+    return [{"rank": r + 1, "video_id": index.video_ids[row], "score": float(score)}
+            for r, (row, score) in enumerate(zip(ranking.rows, ranking.scores))]
+
+
+def write_json(path: Path, index: SearchIndex, rankings: list[Ranking], config: SearchConfig, kind: str) -> None:
+    """Hits in rank order, each with its video_id and score, under what made them."""
+    data = {
+        "index": str(index.path) if index.path else None,
+        "made_by": index.describe(),
+        "index_info": index.info,
+        "query_kind": kind,
+        "search": {"top": config.top, "candidates": config.candidates if index.head is not None and kind != "video" else None,
+                   "scoring": dataclasses.asdict(config.eval_config()) if index.head is not None and kind != "video" else "cosine"},
+        "results": [{"query": r.query, "query_id": r.query_id, "seconds": {k: round(v, 6) for k, v in r.seconds.items()},
+                     "hits": hits(index, r)} for r in rankings],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _strip(path: Path):
+    """A hit's frame strip (PIL image), :data:`STRIP_FRAMES` frames side by side."""
+    from PIL import Image
+
+    from tmass.extract.video import read_frames
+
+    frames, _, _ = read_frames(path, STRIP_FRAMES)
+    images = [Image.fromarray(f) for f in frames]
+    images = [im.resize((max(1, im.width * STRIP_HEIGHT // im.height), STRIP_HEIGHT)) for im in images]
+    strip = Image.new("RGB", (sum(im.width for im in images), STRIP_HEIGHT))
+    x = 0
+    for im in images:
+        strip.paste(im, (x, 0))
+        x += im.width
+    return strip
+
+
+def write_html(path: Path, index: SearchIndex, rankings: list[Ranking], data_root: Path | None = None) -> tuple[Path, list[str]]:
+    """A page with each hit's frame strip, and beside it a PNG contact sheet of the same
+    (``<page>.png``). Returns the sheet's path and notes (videos not shown, and why)."""
+    import html
+
+    from PIL import Image, ImageDraw
+
+    from tmass.extract.video import VideoError
+
+    paths, note = index.video_paths(data_root)
+    notes = [note] if note else []
+    rows_html, sheet_rows = [], []
+    for ranking in rankings:
+        rows_html.append(f"<h2>{html.escape(ranking.query)}</h2><table>")
+        for hit in hits(index, ranking):
+            cell = ""
+            if hit["video_id"] in paths:
+                try:
+                    strip = _strip(paths[hit["video_id"]])
+                except VideoError as exc:
+                    notes.append(f"{hit['video_id']}: {exc.reason}")
+                else:
+                    buffer = io.BytesIO()
+                    strip.save(buffer, format="PNG")
+                    cell = f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+                    sheet_rows.append((f"{ranking.query[:40]} #{hit['rank']} {hit['score']:.4f} {hit['video_id']}", strip))
+            rows_html.append(f"<tr><td>{hit['rank']}</td><td>{hit['score']:.4f}</td>"
+                             f"<td>{html.escape(hit['video_id'])}</td><td>{cell}</td></tr>")
+        rows_html.append("</table>")
+    sheet = path.with_suffix(".png")
+    label_width = 420
+    canvas = Image.new("RGB", (label_width + max([s.width for _, s in sheet_rows], default=200),
+                               max(1, len(sheet_rows)) * (STRIP_HEIGHT + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, strip) in enumerate(sheet_rows):
+        canvas.paste(strip, (label_width, i * (STRIP_HEIGHT + 4)))
+        draw.text((4, i * (STRIP_HEIGHT + 4) + STRIP_HEIGHT // 2 - 6), label, fill="black")
+    if not sheet_rows:
+        draw.text((4, 0), "no frames: see the page", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(sheet)
+    notes_html = "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes)
+    path.write_text(
+        "<!doctype html><meta charset=utf-8><title>tmass search</title>"
+        "<style>body{font-family:sans-serif} td{padding:2px 8px} .note{color:#a40}</style>"
+        f"<p>{html.escape(index.describe())}</p>{notes_html}"
+        f'<p>contact sheet: <a href="{sheet.name}">{sheet.name}</a></p>' + "".join(rows_html) + "\n")
+    return sheet, notes
