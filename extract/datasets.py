@@ -265,7 +265,7 @@ def _screen(videos: list[Video], captions: dict[str, list[str]], source: Path) -
 
 
 def _assemble(dataset: str, split: str, video_ids: Iterable[str], captions: dict[str, list[str]],
-              folder: Path, default_ext: str, source: Path, failed: list[dict] = (),
+              folder: Path, default_ext: str, source: Path, failed: Iterable[dict] = (),
               notes: dict | None = None) -> SplitData:
     """Videos (deduplicated, sorted) with their files found in ``folder``, and their
     captions; ``failed`` holds rows already rejected while reading."""
@@ -432,7 +432,9 @@ def folder(root: Path, split: str) -> SplitData:
     video_id is matched like a dataset's video name (the exact path, then the path
     without its extension), and a caption naming no video, or two, is skipped and
     listed. Videos added later are extracted incrementally: an extraction keeps the
-    partitions already made and appends the new videos in new ones."""
+    partitions already made and appends the new videos in new ones. The features record
+    the folder's absolute path (``data_root``), so another folder is never extracted
+    into the same split directory."""
     index = _VideoIndex(root, relative=True)
     ids = index.videos()
     if not ids:
