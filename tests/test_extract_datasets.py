@@ -432,6 +432,12 @@ def test_folder_extracts_incrementally_and_zero_captions_read_back(tiny_model, t
     plan = json.loads((split_dir / "partitions.json").read_text())["partitions"]
     assert plan == [["broken.mp4", "m.mp4"], ["sub/n.MOV"], ["a-first.mp4"]]
 
+    kept = {p.name: p.stat().st_mtime_ns for p in split_dir.glob("*-0000[02].h5")}
+    (root / "sub" / "n.MOV").unlink()  # only its partition is extracted again, empty now
+    extract(*args, expect=3)
+    assert {p.name: p.stat().st_mtime_ns for p in split_dir.glob("*-0000[02].h5")} == kept
+    assert load_features(split_dir).video_ids == ["m.mp4", "a-first.mp4"]
+
     other = tmp_path / "other"
     _clip(other / "m.mp4", 3)
     refused = extract(*[other if a == root else a for a in args], expect=1)
