@@ -1,16 +1,6 @@
-"""Heads that turn cached CLIP features into retrieval embeddings: meanP, X-Pool, T-MASS.
-
-Axis names, used in every docstring of this package and of ``tmass.evaluate``:
-
-    n_text    captions (queries for text-to-video)
-    n_video   videos
-    n_frames  sampled frames per video
-    dim       CLIP embedding width
-
-Every pairwise tensor is text-major, ``[n_text, n_video, ...]``, and so is every score
-matrix. (X-Pool's own code returns its pooled videos as ``[n_video, n_text, dim]``; we
-keep one orientation throughout, since mixing the two is how the official T-MASS
-evaluator came to score text b against video i pooled on caption i.)
+"""The X-Pool family of heads: meanP, X-Pool and T-MASS, registered as ``meanp``,
+``xpool`` and ``tmass``. They are nested variants of one module, :class:`Head`, built
+from one config, :class:`HeadConfig` (axis names: :mod:`tmass.train.heads.base`).
 
 Pieces (paper section 3.3, X-Pool section 3):
 
@@ -23,8 +13,11 @@ Pieces (paper section 3.3, X-Pool section 3):
   manifest) and clamped at ``LOGIT_SCALE_MAX`` after each optimiser step (as CLIP and the
   reference do), never in the forward pass, so its gradient always flows.
 
-``Head(HeadConfig)`` is the only constructor; adding a head means one module and
-one entry in ``POOLINGS``.
+Scores (``Head.score``): meanP and X-Pool ``cos(t, p(v|t))``; T-MASS with M samples of
+the text mass ``max_m cos(t + eps_m * exp(R(t, v)), p(v|t))`` (Eq. 10), or
+``cos(t, p(v|t))`` without sampling. X-Pool and T-MASS offer the ``folded-xpool`` fast
+path: training folds the pooling per frame (:mod:`tmass.train.folded`) and the
+evaluator runs a fused numba kernel on CPU (:mod:`tmass.evaluate.sampling`).
 """
 
 from __future__ import annotations
@@ -36,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOGIT_SCALE_MAX = 100.0  # CLIP's cap on exp(logit_scale); X-Pool and T-MASS keep it
+from tmass.train.heads.base import PRIORS, Noise, RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter
+from tmass.train.registry import HeadSpec
 
 
 @dataclass
@@ -58,7 +52,7 @@ class HeadConfig:
             raise ValueError(f"unknown head {self.head!r}; choose from {sorted(POOLINGS)}")
         if self.radius not in RADII:
             raise ValueError(f"unknown radius {self.radius!r}; choose from {RADII}")
-        if self.prior not in ("uniform", "normal"):
+        if self.prior not in PRIORS:
             raise ValueError(f"unknown prior {self.prior!r}; choose uniform or normal")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
@@ -208,38 +202,58 @@ def support_text(text: torch.Tensor, log_radius: torch.Tensor, video: torch.Tens
     return text + log_radius.exp() * F.normalize(video - text, dim=-1)
 
 
-class Head(nn.Module):
-    """A retrieval head: pooling, optional T-MASS radius, learnable logit scale."""
+class Head(RetrievalHead):
+    """A head of the X-Pool family: pooling, optional T-MASS radius, learnable logit scale."""
 
     def __init__(self, cfg: HeadConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.pooling = POOLINGS[cfg.head](cfg)
         self.radius = Radius(cfg) if cfg.head == "tmass" else None
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(min(cfg.logit_scale, LOGIT_SCALE_MAX))))
+        self.log_logit_scale = logit_scale_parameter(cfg.logit_scale)
 
     @property
-    def stochastic(self) -> bool:
-        return self.radius is not None
-
-    def logit_scale(self) -> torch.Tensor:
-        """exp(logit_scale), a scalar tensor with its gradient (see :meth:`cap_logit_scale_`)."""
-        return self.log_logit_scale.exp()
-
-    @torch.no_grad()
-    def cap_logit_scale_(self) -> None:
-        """Clamp the scale at LOGIT_SCALE_MAX in place; the trainer calls it after each
-        optimiser step. A clamp in the forward pass would zero the gradient at the cap,
-        and float32(log 100) lies a hair above log 100, so a scale starting at CLIP's 100
-        would never move."""
-        self.log_logit_scale.clamp_(max=math.log(LOGIT_SCALE_MAX))
+    def noise(self) -> Noise | None:
+        """T-MASS samples eps of the text mass from its prior; the others sample nothing."""
+        return Noise(self.cfg.prior, self.cfg.prior_std, self.cfg.embed_dim) if self.radius is not None else None
 
     def pool(self, text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """text ``[n_text, dim]``, frames ``[n_video, n_frames, dim]`` -> ``[n_text, n_video, dim]``."""
         return self.pooling(text, frames, frame_mask)
 
-    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """eps from the prior the head was configured with, ``shape`` e.g. ``[n, dim]``."""
-        if self.cfg.prior == "uniform":
-            return torch.rand(shape, generator=generator, device=device)
-        return torch.randn(shape, generator=generator, device=device) * self.cfg.prior_std
+    def score(self, text: TextFeatures, video: VideoFeatures, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """``cos(t, p(v|t))``, or with eps ``[n_text, n_video, trials, dim]`` the best of the
+        trials ``max_m cos(t + eps_m * exp(R(t, v)), p(v|t))`` -> ``[n_text, n_video]``."""
+        t = text.embedding
+        pooled = self.pool(t, video.frames, video.frame_mask)  # [n_text, n_video, dim]
+        if eps is None:
+            return _cos(t[:, None, :], pooled)
+        radius = self.radius(frame_similarity(t, video.frames, video.frame_mask)).exp()  # [n_text, n_video, dim or 1]
+        return sample_scores(t, radius, pooled, eps)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
+
+
+def sample_scores(text, radius, pooled, eps, own=None) -> torch.Tensor:
+    """T-MASS scoring with materialised samples t_m = t + eps_m * r (Eq. 10).
+
+    text ``[n_text, dim]``, radius r = exp(R) ``[n_text, n_video, dim]`` (or ``[..., 1]``),
+    pooled ``[n_text, n_video, dim]``, eps ``[n_text, n_video, trials, dim]`` -> scores
+    ``[n_text, n_video]``: the best trial's cosine with the pooled video. ``own``
+    ``[n_text, n_video, dim]`` is the audit protocol's: the trial is still chosen against
+    ``pooled``, but scored against ``own`` (see :mod:`tmass.evaluate.scores`)."""
+    sampled = text[:, None, None, :] + eps * radius[:, :, None, :]  # [n_text, n_video, trials, dim]
+    cos = _cos(sampled, pooled[:, :, None, :])  # [n_text, n_video, trials]
+    if own is None:
+        return cos.max(dim=-1).values
+    best = cos.argmax(dim=-1)  # [n_text, n_video]
+    chosen = sampled.gather(2, best[:, :, None, None].expand(-1, -1, 1, sampled.shape[-1])).squeeze(2)
+    return _cos(chosen, own)
+
+
+MEANP = HeadSpec("meanp", "meanP", HeadConfig, Head, summary="mean of the frames; only the logit scale learns")
+XPOOL = HeadSpec("xpool", "X-Pool", HeadConfig, Head, fast_paths=("folded-xpool",),
+                 summary="text-conditioned cross-attention pooling of the frames")
+TMASS = HeadSpec("tmass", "T-MASS", HeadConfig, Head, loss_terms=("s", "sup"), stochastic=True,
+                 fast_paths=("folded-xpool",), summary="X-Pool plus the stochastic text mass t + eps * exp(R)")

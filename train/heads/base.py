@@ -1,0 +1,160 @@
+"""What every head shares: the features it is given, the scoring contract, the logit scale.
+
+Axis names, used in every docstring of the heads and of ``tmass.evaluate``:
+
+    n_text    captions (queries for text-to-video)
+    n_video   videos
+    n_frames  sampled frames per video
+    n_token   word tokens per caption (padded; ``token_mask`` marks the real ones)
+    n_patch   patch tokens per frame (a G x G grid, flattened)
+    dim       CLIP embedding width
+
+Every pairwise tensor is text-major, ``[n_text, n_video, ...]``, and so is every score
+matrix. (X-Pool's own code returns its pooled videos as ``[n_video, n_text, dim]``; we
+keep one orientation throughout, since mixing the two is how the official T-MASS
+evaluator came to score text b against video i pooled on caption i.)
+
+**The scoring contract.** ``head.score(text, video, eps=None)`` takes the features of
+n_text queries (:class:`TextFeatures`) and of n_video videos (:class:`VideoFeatures`)
+and returns scores ``[n_text, n_video]``, each a function of its own (text, video) pair
+and the head's weights only: never of the other queries or videos it is batched with.
+That is what makes a head leak-free, lets the evaluator score any chunk of pairs
+(memory bounded by the chunk), and what ``tmass check-head`` verifies. A stochastic head
+(``noise`` set) is also given ``eps`` ``[n_text, n_video, trials, noise.dim]``, drawn by
+the evaluator as a function of (seed, text id, video id), and scores with those samples.
+The same ``score`` is differentiable: the generic training loss is InfoNCE on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+LOGIT_SCALE_MAX = 100.0  # CLIP's cap on exp(logit_scale); X-Pool and T-MASS keep it
+PRIORS = ("uniform", "normal")
+
+
+@dataclass
+class TextFeatures:
+    """The queries' features. embedding ``[n_text, dim]`` (every head); tokens
+    ``[n_text, n_token, dim]`` and token_mask ``[n_text, n_token]`` (heads that declare
+    ``word_tokens``; None otherwise)."""
+
+    embedding: torch.Tensor
+    tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embedding.shape[0]
+
+    def __getitem__(self, rows) -> TextFeatures:
+        """The queries ``rows`` (a slice or an index tensor)."""
+        return _select(self, rows)
+
+    def to(self, device) -> TextFeatures:
+        """On ``device``, float tensors as float32 (masks stay bool)."""
+        return _moved(self, device)
+
+
+@dataclass
+class VideoFeatures:
+    """The videos' features. frames ``[n_video, n_frames, dim]`` and frame_mask
+    ``[n_video, n_frames]`` (True: a real frame; None: all real); patches
+    ``[n_video, n_frames, n_patch, dim]`` (heads that declare ``patch_tokens``)."""
+
+    frames: torch.Tensor
+    frame_mask: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+    def __getitem__(self, rows) -> VideoFeatures:
+        """The videos ``rows`` (a slice or an index tensor)."""
+        return _select(self, rows)
+
+    def to(self, device) -> VideoFeatures:
+        """On ``device``, float tensors as float32 (masks stay bool)."""
+        return _moved(self, device)
+
+
+def _select(features, rows):
+    return dataclasses.replace(features, **{
+        f.name: getattr(features, f.name)[rows] for f in dataclasses.fields(features) if getattr(features, f.name) is not None
+    })
+
+
+def _moved(features, device):
+    def move(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device, torch.float32) if x.is_floating_point() else x.to(device)
+
+    return dataclasses.replace(features, **{
+        f.name: move(getattr(features, f.name)) for f in dataclasses.fields(features) if getattr(features, f.name) is not None
+    })
+
+
+@dataclass(frozen=True)
+class Noise:
+    """What a stochastic head samples: ``dim`` values per (text, video, trial) from
+    ``prior``: ``uniform`` U(0, 1) or ``normal`` N(0, std^2)."""
+
+    prior: str
+    std: float
+    dim: int
+
+
+def logit_scale_parameter(initial: float) -> nn.Parameter:
+    """log exp(logit_scale), learnable, starting at ``initial`` capped at LOGIT_SCALE_MAX.
+    Every head holds one named ``log_logit_scale`` (the trainer keeps it out of weight
+    decay by that name); create it after the head's modules so that parameters keep the
+    order they have always had."""
+    return nn.Parameter(torch.tensor(math.log(min(initial, LOGIT_SCALE_MAX))))
+
+
+class RetrievalHead(nn.Module):
+    """Base class of every head: the config, the logit scale, the scoring contract (see
+    the module doc). Subclasses implement :meth:`score`; stochastic ones return a
+    :class:`Noise` from ``noise``."""
+
+    log_logit_scale: nn.Parameter
+
+    def __init__(self, cfg: Any):
+        super().__init__()
+        self.cfg = cfg
+
+    @property
+    def noise(self) -> Noise | None:
+        """What the head samples at scoring time; None for a deterministic head."""
+        return None
+
+    @property
+    def stochastic(self) -> bool:
+        return self.noise is not None
+
+    def score(self, text: TextFeatures, video: VideoFeatures, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores ``[n_text, n_video]``, each a function of its own pair (module doc)."""
+        raise NotImplementedError
+
+    def logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale), a scalar tensor with its gradient (see :meth:`cap_logit_scale_`)."""
+        return self.log_logit_scale.exp()
+
+    @torch.no_grad()
+    def cap_logit_scale_(self) -> None:
+        """Clamp the scale at LOGIT_SCALE_MAX in place; the trainer calls it after each
+        optimiser step. A clamp in the forward pass would zero the gradient at the cap,
+        and float32(log 100) lies a hair above log 100, so a scale starting at CLIP's 100
+        would never move."""
+        self.log_logit_scale.clamp_(max=math.log(LOGIT_SCALE_MAX))
+
+    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """eps from the head's prior, ``shape`` e.g. ``[n, dim]`` (training; the evaluator
+        draws keyed noise instead)."""
+        if self.noise.prior == "uniform":
+            return torch.rand(shape, generator=generator, device=device)
+        return torch.randn(shape, generator=generator, device=device) * self.noise.std
