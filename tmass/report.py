@@ -27,6 +27,8 @@ def _split_lines(evals: list[dict]) -> list[str]:
             continue
         weights = meta.extra.get("weights", meta.pretrained)
         line += f"; encoder {meta.model}, weights {weights}" + (f" (--pretrained {meta.pretrained})" if weights != meta.pretrained else "")
+        if meta.extra.get("encoder_label"):
+            line += f": {meta.extra['encoder_label']}"
         if meta.random_init:
             line += (" -- RANDOM-INIT ENCODER: the features carry no pretrained knowledge, so these numbers "
                      "test the pipeline, not the method")
@@ -52,7 +54,12 @@ def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
 
     from tmass.evaluate.figures import plot_gallery, plot_training_curves
 
-    out.mkdir(parents=True, exist_ok=True)
+    from tmass.train.runs import mark_run
+
+    try:
+        mark_run(out, "report")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     rows, evals = [], []
     for run in runs:
         path = run / eval_json

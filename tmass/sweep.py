@@ -35,6 +35,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from tmass.train.runs import mark_run
+
 METRICS = ("R1", "R5", "R10", "MdR", "MnR")
 FINAL = {"head": {"head": "tmass", "radius": "linear"}, "train": {"loss_terms": ("s", "sup"), "support_weight": 0.8}}
 XPOOL = {"head": {"head": "xpool"}, "train": {"loss_terms": ("ce",)}}
@@ -167,7 +169,8 @@ def _train_one(job: tuple) -> str:
     features, run_dir, head_overrides, train_overrides, threads = job
     import torch
 
-    from tmass.train.heads import HeadConfig
+    from tmass.evaluate.scores import split_metrics
+    from tmass.train.registry import head_spec
     from tmass.train.trainer import TrainConfig, train
 
     torch.set_num_threads(threads)
@@ -175,8 +178,9 @@ def _train_one(job: tuple) -> str:
     if (run_dir / "metrics.json").exists():
         return str(run_dir)
     resume = (run_dir / "last.pt").exists()
-    train(Path(features), run_dir, TrainConfig(**train_overrides), HeadConfig(**head_overrides),
-          resume=resume, progress=False)
+    head_cfg = head_spec(head_overrides.get("head", "tmass")).make_config(**head_overrides)
+    train(Path(features), run_dir, TrainConfig(**train_overrides), head_cfg, resume=resume, progress=False,
+          evaluate=split_metrics)
     return str(run_dir)
 
 
@@ -206,7 +210,7 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
     cached = open_split(features / "train", verify_checksums=False).meta.num_frames
     sweeps = [dataclasses.replace(SWEEPS[n], variants=tuple(_frames_of(v, cached, features) for v in SWEEPS[n].variants))
               for n in names]
-    out.mkdir(parents=True, exist_ok=True)
+    mark_run(out, "sweep")
     (out / "sweep-config.json").write_text(json.dumps({"features": str(features), "sweeps": names,
                                                        **dataclasses.asdict(cfg)}, indent=2) + "\n")
 

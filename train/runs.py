@@ -1,0 +1,73 @@
+"""Run directories: what kind each one is, and which is the latest training run.
+
+Every directory the tools write results into carries ``run.json``, a small marker
+``{"kind": "train" | "report" | "sweep", "software_version": ..., "created": ...}``. A
+command that needs a training run (``make eval``) takes the latest directory of kind
+``train`` and never mistakes a report or a sweep for one.
+
+``python -m tmass.train.runs RUNS`` prints the latest training run under ``RUNS``
+(exit status 2, with a one-line reason, when there is none).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tmass import __version__
+
+MARKER = "run.json"
+KINDS = ("train", "report", "sweep")
+
+
+def mark_run(directory: Path, kind: str) -> None:
+    """Write ``directory/run.json`` unless it is there already (a resumed run keeps its
+    creation time); a directory of another kind is refused."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown run kind {kind!r}; known: {', '.join(KINDS)}")
+    directory = Path(directory)
+    found = run_kind(directory)
+    if found == kind:
+        return
+    if found is not None:
+        raise ValueError(f"{directory} holds a {found} output, not a {kind}; choose another directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = {"kind": kind, "software_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (directory / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def run_kind(directory: Path) -> str | None:
+    """The kind in ``directory``'s marker, or None when it has none."""
+    path = Path(directory) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("kind")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def latest_run(root: Path, kind: str = "train") -> Path | None:
+    """The sub-directory of ``root`` of that kind whose files changed last, or None."""
+    runs = [d for d in Path(root).glob("*/") if d.is_dir() and run_kind(d) == kind]
+    if not runs:
+        return None
+    return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.iterdir() if f.is_file()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    root = Path(args[0] if args else "runs")
+    run = latest_run(root)
+    if run is None:
+        print(f"no training run under {root}/ (none has a {MARKER} of kind train): make train first, or pass RUN=...",
+              file=sys.stderr)
+        return 2
+    print(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
