@@ -57,7 +57,7 @@ def cli_fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli", True)]
 
 
-def _check(cls, name: str, value):
+def check_value(cls, name: str, value):
     """``value`` for field ``name`` of ``cls``, converted where lossless (a list or a comma
     string for a tuple, an int for a float); ValueError saying what was expected."""
     kind = field_type(cls, name)
@@ -76,6 +76,19 @@ def _check(cls, name: str, value):
     return value
 
 
+def check_choices(config) -> None:
+    """ValueError unless every field of ``config`` with fixed choices holds one of them
+    (each item, for a tuple field); a config's ``__post_init__`` calls it. Registry
+    choices (functions) are checked where the name is looked up."""
+    for f in dataclasses.fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices is None or callable(choices):
+            continue
+        for item in value if isinstance(value, tuple) else (value,):
+            if item not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}; got {item!r}")
+
+
 def build_config(cls, values: dict, where: str):
     """``cls(**values)``, every value checked against its field; ValueError with one line
     ``where.key: what is wrong`` (``where`` names the source: a file, a section)."""
@@ -86,7 +99,7 @@ def build_config(cls, values: dict, where: str):
     checked = {}
     for name, value in values.items():
         try:
-            checked[name] = _check(cls, name, value)
+            checked[name] = check_value(cls, name, value)
         except ValueError as exc:
             raise ValueError(f"{where}.{name}: {exc}") from None
     try:
@@ -129,33 +142,41 @@ def option_name(name: str) -> str:
 def options_for(entries: dict[str, list[tuple[str, type]]]) -> list[click.Option]:
     """Click options for config fields: ``{field name: [(owner, config class), ...]}``,
     where several owners (heads, losses) may declare a field of the same name and
-    ``owner`` is "" for the command's own config. Every option's default is None, "not
-    given": the config's own default applies, and a given value overrides a config file.
-    The help shows each owner's default."""
+    ``owner`` is "" for the command's own config. An option's default is its field's;
+    where owners' defaults differ it is None and the help lists each. Whether a value
+    was given is :func:`given_options`' business, not the default's."""
     options = []
     for name, owners in entries.items():
         f = {g.name: g for g in dataclasses.fields(owners[0][1])}[name]
         defaults = {owner: field_default({g.name: g for g in dataclasses.fields(cls)}[name]) for owner, cls in owners}
-        shown = {_show(v) for v in defaults.values()}
-        show = shown.pop() if len(shown) == 1 else "; ".join(f"{o}: {_show(v)}" for o, v in defaults.items())
+        default = next(iter(defaults.values()))
+        show = True
+        if any(d != default for d in defaults.values()):
+            default, show = None, "; ".join(f"{o}: {_show(d)}" for o, d in defaults.items())
         help_text = f.metadata.get("help", "")
         if owners[0][0]:
             help_text = f"[{', '.join(o for o, _ in owners)}] {help_text}"
         kind, choices = field_type(owners[0][1], name), field_choices(f)
         if kind is bool:
             decls = [f"{option_name(name)}/--no-{name.replace('_', '-')}", name]
-            options.append(click.Option(decls, default=None, help=help_text, show_default=show))
+            options.append(click.Option(decls, default=default, help=help_text, show_default=show))
             continue
         if kind is tuple:
-            click_type = click.STRING
+            click_type, default = click.STRING, None if default is None else ",".join(default)
             help_text += " Comma list" + (f" from {', '.join(choices)}." if choices else ".")
         elif choices:
             click_type = click.Choice([str(c) for c in choices])
         else:
             click_type = {int: click.INT, float: click.FLOAT}.get(kind, click.STRING)
-        options.append(click.Option([option_name(name), name], type=click_type, default=None, help=help_text,
+        options.append(click.Option([option_name(name), name], type=click_type, default=default, help=help_text,
                                     show_default=show))
     return options
+
+
+def given_options(ctx: click.Context, values: dict) -> dict:
+    """The options of ``values`` the user gave (command line or environment), not defaulted."""
+    explicit = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return {name: value for name, value in values.items() if ctx.get_parameter_source(name) in explicit}
 
 
 def _show(value) -> str:

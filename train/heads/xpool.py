@@ -29,8 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tmass.train.config import setting
 from tmass.train.heads.base import PRIORS, Noise, RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter
 from tmass.train.registry import HeadSpec
+
+
+RADII = ("sim", "scalar", "linear")
 
 
 @dataclass
@@ -40,11 +44,13 @@ class HeadConfig:
     head: str = "tmass"  # meanp | xpool | tmass
     embed_dim: int = 512
     num_frames: int = 12
-    num_heads: int = 1  # X-Pool's attention heads
-    dropout: float = 0.3  # on X-Pool's residual linear branch
-    radius: str = "linear"  # sim | scalar | linear (T-MASS, Table 5)
-    prior: str = "uniform"  # uniform: eps ~ U(0, 1); normal: eps ~ N(0, prior_std^2)
-    prior_std: float = 1.0
+    num_heads: int = setting(1, help="X-Pool attention heads.")
+    dropout: float = setting(0.3, help="Dropout on X-Pool's residual linear branch.")
+    radius: str = setting("linear", choices=RADII,
+                          help="T-MASS radius (Table 5): R = S, R = theta*S, or R = W S + b.")
+    prior: str = setting("uniform", choices=PRIORS,
+                         help="Distribution of eps in t_s = t + eps * exp(R): U(0, 1) or N(0, prior_std^2).")
+    prior_std: float = setting(1.0, help="Std of the normal prior (the reference uses 3e-3 on LSMDC).")
     logit_scale: float = 100.0  # initial exp(logit_scale), from the features manifest
 
     def __post_init__(self):
@@ -131,7 +137,6 @@ class XPoolFusion(nn.Module):
 
 
 POOLINGS = {"meanp": MeanPooling, "xpool": XPoolFusion, "tmass": XPoolFusion}
-RADII = ("sim", "scalar", "linear")
 
 
 def frame_similarity(text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tmass.train.config import setting
+from tmass.train.config import check_choices, setting
 from tmass.train.data import Batch
 from tmass.train.losses import Loss, Scores
 
@@ -38,8 +38,7 @@ class InfoNCEConfig:
              "leaves it out of both softmax denominators, so it is never a negative.")
 
     def __post_init__(self):
-        if self.same_video not in SAME_VIDEO:
-            raise ValueError(f"same_video must be one of {SAME_VIDEO}, got {self.same_video!r}")
+        check_choices(self)
 
 
 class InfoNCE(Loss):
