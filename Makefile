@@ -4,50 +4,71 @@ PYTHON    ?= python3
 PIP       ?= $(PYTHON) -m pip
 STAMP     := .make/installed
 
-.PHONY: install test demo clean-demo extract train eval ablate bench bench-train bench-extract bench-eval
+.PHONY: help install test demo demo-encoder clean clean-demo extract train eval ablate bench bench-train bench-extract bench-eval
 .DEFAULT_GOAL := demo
+
+# Every target carries a `## ` description on its rule line; `make help` prints them.
+help: ## list the targets, one line each
+	@sed -n 's/^\([a-z-]*\):.*## \(.*\)/\1|\2/p' $(MAKEFILE_LIST) | awk -F'|' '{printf "  %-14s %s\n", $$1, $$2}'
 
 # Install the package (editable) with its test extras, pinned to the versions CI uses.
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	@mkdir -p $(dir $@) && touch $@
 
-install: $(STAMP)
+install: $(STAMP) ## install tmass (editable) with its test extras, pinned by constraints.txt
 
-test: $(STAMP)
+test: $(STAMP) ## run the test suite (offline, CPU; a few minutes)
 	$(PYTHON) -m pytest -q
 
-# The offline demo: render the demo clips, extract them with CLIP (pretrained weights if
-# they can be loaded, else random init, labelled everywhere), train meanP, X-Pool and
-# T-MASS, evaluate them leak-free, print a comparison table and write plots.
+# The offline demo: render the demo clips, extract them (--pretrained auto: OpenAI's
+# weights for MODEL if they can be loaded, else the demo encoder, a small CLIP trained by
+# this project on other rendered clips; labelled everywhere), train meanP, X-Pool and
+# T-MASS, evaluate them leak-free, print a comparison table and write plots. Run again,
+# it reuses the features and resumes each run in place (a finished run is only checked
+# against these settings and re-evaluated); `make clean-demo` starts over.
 DEMO_DIR      ?= demo-output
 DEMO_DATA     ?= data/demo
-DEMO_FEATURES  = $(DEMO_DIR)/features/demo/$(MODEL)__auto
 DEMO_EPOCHS   ?= 10
 DEMO_LR       ?= 1e-4
 DEMO_HEADS    ?= meanp xpool tmass
-# a fifth of the 120 training clips selects best.pt (5 % would be six videos)
+# a fifth of the 400 training clips (80 clips, about 320 captions) selects best.pt
 DEMO_VAL      ?= 0.2
-demo: $(STAMP)
-	tmass extract --dataset demo --data-root $(DEMO_DATA) --split all --out $(DEMO_DIR)/features --model $(MODEL) --pretrained auto
-	@set -e; for head in $(DEMO_HEADS); do \
-	  tmass train --features $(DEMO_FEATURES) --head $$head --epochs $(DEMO_EPOCHS) --lr $(DEMO_LR) \
-	    --val-fraction $(DEMO_VAL) --no-final-eval --no-progress --out $(DEMO_DIR)/runs/$$head; \
-	  tmass eval --features $(DEMO_FEATURES) --checkpoint $(DEMO_DIR)/runs/$$head/best.pt \
-	    --json $(DEMO_DIR)/runs/$$head/eval.json --save-sims $(DEMO_DIR)/runs/$$head/sims.npy \
-	    --figures $(DEMO_DIR)/runs/$$head/figures; \
-	done
+DEMO_TRAIN_ARGS = --epochs $(DEMO_EPOCHS) --lr $(DEMO_LR) --val-fraction $(DEMO_VAL) --no-final-eval --no-progress
+demo: $(STAMP) ## the offline demo: render, extract, train and evaluate meanP, X-Pool, T-MASS into DEMO_DIR
+	@set -e; \
+	splits=$$(tmass extract --dataset demo --data-root $(DEMO_DATA) --split all --out $(DEMO_DIR)/features \
+	  --model $(MODEL) --pretrained auto); \
+	features=$$(dirname "$$(echo "$$splits" | tail -n 1)"); \
+	for head in $(DEMO_HEADS); do \
+	  run=$(DEMO_DIR)/runs/$$head; resume=; \
+	  if [ -f $$run/metrics.json ]; then resume=--resume; echo "$$run: finished; up to date if its settings match"; \
+	  elif [ -f $$run/last.pt ]; then resume=--resume; echo "$$run: unfinished; resuming it"; fi; \
+	  tmass train --features $$features --head $$head $(DEMO_TRAIN_ARGS) --out $$run $$resume; \
+	  tmass eval --features $$features --checkpoint $$run/best.pt --json $$run/eval.json \
+	    --save-sims $$run/sims.npy --figures $$run/figures; \
+	done; \
 	tmass report $(addprefix $(DEMO_DIR)/runs/,$(DEMO_HEADS)) --out $(DEMO_DIR) \
 	  --gallery-dataset demo --gallery-data-root $(DEMO_DATA)
 
-clean-demo:
+clean-demo: ## delete DEMO_DIR (features, runs, report), so the next make demo starts over
 	rm -rf $(DEMO_DIR)
+
+clean: clean-demo ## clean-demo, the rendered demo clips and bench-report.txt; never runs/ or features-data/
+	rm -rf $(DEMO_DATA) $(BENCH_REPORT) $(BENCH_REPORT).tmp
+
+# Retrain the demo encoder's shipped weights on rendered clips that are not the demo's
+# (about 10 minutes on a 2-core CPU, one thread) and compare their SHA-256 with the
+# recorded one; see extract/demo_encoder.py.
+DEMO_ENCODER_OUT ?= extract/demo-encoder/tmass-demo.pt
+demo-encoder: $(STAMP) ## retrain the demo encoder (about 10 min) into DEMO_ENCODER_OUT and check its SHA-256
+	$(PYTHON) -m tmass.extract.demo_encoder --out $(DEMO_ENCODER_OUT)
 
 # Seconds per training epoch of T-MASS at batch 32 on the simulated MSR-VTT preset
 # (180,000 pairs); simulates the features once into BENCH_FEATURES.
 BENCH_FEATURES ?= /tmp/sim-msrvtt
 BENCH_STEPS    ?= 500
-bench-train: $(STAMP)
+bench-train: $(STAMP) ## seconds per T-MASS training epoch on simulated MSR-VTT
 	@test -f $(BENCH_FEATURES)/test/manifest.json || tmass features simulate --preset msrvtt --out $(BENCH_FEATURES)
 	$(PYTHON) -m tmass.train.bench --features $(BENCH_FEATURES) --head tmass --batch-size 32 --steps $(BENCH_STEPS)
 
@@ -61,35 +82,45 @@ MODEL        ?= ViT-B-32
 # needs real weights: PRETRAINED=none or a checkpoint path to run offline.
 PRETRAINED   ?= $(if $(filter demo,$(DATASET)),auto,openai)
 EXTRACT_ARGS ?=
-extract: $(STAMP)
+extract: $(STAMP) ## videos of DATASET under DATA_ROOT -> features under FEATURES
 	tmass extract --dataset $(DATASET) --data-root $(DATA_ROOT) --out $(FEATURES) --model $(MODEL) --pretrained $(PRETRAINED) $(EXTRACT_ARGS)
 
 # Frames/s of the whole extraction against the model alone on the same frames
 # (random-init MODEL on CPU, MSR-VTT-sized rendered clips).
-bench-extract: $(STAMP)
+bench-extract: $(STAMP) ## extraction frames/s against the model alone on the same frames
 	$(PYTHON) -m tmass.extract.bench --model $(MODEL)
 
 # Seconds and peak memory of T-MASS inference (M = 20) at the MSR-VTT 1k-A and VATEX test
 # scales, fast path beside the naive reference. BENCH_EVAL_ARGS=--quick: MSR-VTT only.
 BENCH_EVAL_ARGS ?=
-bench-eval: $(STAMP)
+bench-eval: $(STAMP) ## time and peak memory of T-MASS inference, fast path beside naive
 	$(PYTHON) -m tmass.evaluate.bench $(BENCH_EVAL_ARGS)
 
 # make extract && make train && make eval chain with these defaults: train reads what
 # extract wrote for DATASET, eval takes the latest run (or RUN=...).
-FEATURES_DIR ?= $(FEATURES)/$(DATASET)/$(MODEL)__$(notdir $(basename $(PRETRAINED)))
+# The demo's `auto` features are named after the encoder auto chose: the first found
+# (OpenAI's ViT-B-32__auto sorts before the demo encoder's tmass-demo__auto).
+FEATURES_DIR ?= $(if $(filter demo,$(DATASET)),$$(ls -d $(FEATURES)/demo/*__auto 2>/dev/null | head -n 1),$(FEATURES)/$(DATASET)/$(MODEL)__$(notdir $(basename $(PRETRAINED))))
 RUNS         ?= runs
 HEAD         ?= tmass
 RUN          ?=
 TRIALS       ?= 20
 TRAIN_ARGS   ?=
 EVAL_ARGS    ?=
-train: $(STAMP)
-	tmass train --features $(FEATURES_DIR) --head $(HEAD) --out $(or $(RUN),$(RUNS)/$(DATASET)-$(HEAD)) $(TRAIN_ARGS)
+# make train never stops at an occupied run directory: an unfinished run there is
+# resumed (its settings must match), and a finished one is kept and the new run goes to
+# the first free <run>-2, <run>-3, ...
+train: $(STAMP) ## train HEAD into RUN (default RUNS/DATASET-HEAD): resumes an unfinished run, never overwrites a finished one
+	@set -e; run=$(or $(RUN),$(RUNS)/$(DATASET)-$(HEAD)); resume=; \
+	if [ -f $$run/last.pt ] && [ ! -f $$run/metrics.json ]; then \
+	  resume=--resume; echo "$$run holds an unfinished run: resuming it (pass RUN=... for a new run)"; \
+	elif [ -f $$run/config.json ]; then \
+	  n=2; while [ -e $$run-$$n ]; do n=$$((n + 1)); done; \
+	  echo "$$run holds a finished run; training into $$run-$$n"; run=$$run-$$n; fi; \
+	tmass train --features $(FEATURES_DIR) --head $(HEAD) --out $$run $$resume $(TRAIN_ARGS)
 
-eval: $(STAMP)
-	@run="$(or $(RUN),$(shell ls -td $(RUNS)/*/ 2>/dev/null | head -1))"; \
-	test -n "$$run" || { echo "no run under $(RUNS)/: make train first, or pass RUN=..."; exit 2; }; \
+eval: $(STAMP) ## evaluate the latest training run under RUNS (or RUN=...): table, eval.json, sims.npy, figures/
+	@set -e; run="$(RUN)"; [ -n "$$run" ] || run=$$($(PYTHON) -m tmass.train.runs $(RUNS)); \
 	features=$$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['features'])" $$run/config.json); \
 	tmass eval --features $$features --checkpoint $$run/best.pt --trials $(TRIALS) \
 	  --json $$run/eval.json --save-sims $$run/sims.npy --figures $$run/figures $(EVAL_ARGS)
@@ -105,7 +136,7 @@ ABLATE_EPOCHS   ?= 1
 ABLATE_LR       ?= 3e-5
 JOBS            ?= 2
 ABLATE_ARGS     ?=
-ablate: $(STAMP)
+ablate: $(STAMP) ## the paper's ablation sweeps (Tables 4-6, Figs. 6-7) on cached features
 	@test -f $(ABLATE_FEATURES)/test/manifest.json || tmass features simulate --preset msrvtt --out $(ABLATE_FEATURES)
 	tmass ablate --features $(ABLATE_FEATURES) --out $(ABLATE_OUT) --sweeps $(SWEEPS) --seeds $(SEEDS) \
 	  --epochs $(ABLATE_EPOCHS) --lr $(ABLATE_LR) --jobs $(JOBS) $(ABLATE_ARGS)
@@ -113,7 +144,7 @@ ablate: $(STAMP)
 # Every speed and memory benchmark in one report (BENCH_REPORT), headed by the machine it
 # ran on; progress bars go to the terminal only. Run it on an otherwise idle machine.
 BENCH_REPORT ?= bench-report.txt
-bench: $(STAMP)
+bench: $(STAMP) ## every benchmark in one report, BENCH_REPORT, headed by the machine
 	@{ echo "tmass $$($(PYTHON) -c 'import tmass; print(tmass.__version__)') benchmarks, $$(date -u '+%F %H:%M UTC')"; \
 	  echo "machine: $$(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1), $$(nproc) cores, $$(free -g | awk '/^Mem/{print $$2}') GiB," \
 	       "GPU: $$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep . || echo none)"; \
