@@ -39,14 +39,22 @@ def mark_run(directory: Path, kind: str) -> None:
 
 
 def run_kind(directory: Path) -> str | None:
-    """The kind in ``directory``'s marker, or None when it has none."""
-    path = Path(directory) / MARKER
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("kind")
-    except (json.JSONDecodeError, AttributeError):
-        return None
+    """The kind in ``directory``'s marker, or None when it has none. A training run
+    written before markers existed is recognised by its ``config.json`` (train and head
+    settings)."""
+    directory = Path(directory)
+    for name in (MARKER, "config.json"):
+        try:
+            data = json.loads((directory / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if name == MARKER:
+            return data.get("kind")
+        if "train" in data and "head" in data:
+            return "train"
+    return None
 
 
 def latest_run(root: Path, kind: str = "train") -> Path | None:
