@@ -65,6 +65,8 @@ def index(features, out, checkpoint, data_root, model, first_stage, nprobe):
 @click.option("--top", type=click.IntRange(1), default=SEARCH_DEFAULTS.top, show_default=True)
 @click.option("--candidates", "-k", type=click.IntRange(1), default=SEARCH_DEFAULTS.candidates, show_default=True,
               help="K: first-stage candidates the head re-ranks (>= the index size: exhaustive).")
+@click.option("--shortlist", type=click.IntRange(1), default=SEARCH_DEFAULTS.shortlist, show_default=True,
+              help="meanP first-stage depth, narrowed to K by best-frame similarity.")
 @click.option("--trials", type=click.IntRange(0), help="T-MASS samples per pair (0: w/o sampling). [default: tmass eval's]")
 @click.option("--seed", type=int, help="Seed of the keyed noise. [default: tmass eval's]")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -73,7 +75,7 @@ def index(features, out, checkpoint, data_root, model, first_stage, nprobe):
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a page with each hit's frame strip, and a PNG contact sheet beside it.")
 @click.option("--device", default="cpu", show_default=True, help="Device of the query encoder and the head.")
-def search(query, index_dir, video, query_features, query_id, top, candidates, trials, seed, data_root, json_path,
+def search(query, index_dir, video, query_features, query_id, top, candidates, shortlist, trials, seed, data_root, json_path,
            html_path, device):
     """Rank the indexed videos for a text QUERY (or --video FILE, or --query-features SPLIT)."""
     import time
@@ -86,7 +88,7 @@ def search(query, index_dir, video, query_features, query_id, top, candidates, t
         raise click.UsageError("give exactly one of QUERY, --video FILE or --query-features SPLIT")
     given = {k: v for k, v in (("trials", trials), ("seed", seed)) if v is not None}
     scoring = EvalConfig(progress=False, device=device, **given)
-    config = SearchConfig(top, candidates, scoring)
+    config = SearchConfig(top, candidates, shortlist, scoring)
     try:
         opened = time.perf_counter()
         idx = SearchIndex.open(index_dir)
@@ -127,7 +129,8 @@ def search(query, index_dir, video, query_features, query_id, top, candidates, t
     if kind == "video":
         click.echo("video query: cosine of meanP embeddings (the head scores text queries only)")
     elif idx.head is not None:
-        click.echo(f"re-ranked {min(candidates, len(idx.video_ids))} first-stage candidates; trials {scoring.trials}, "
+        click.echo(f"head scored {min(candidates, len(idx.video_ids))} candidates (best frames of a meanP shortlist of "
+                   f"{min(max(shortlist, candidates), len(idx.video_ids))}); trials {scoring.trials}, "
                    f"seed {scoring.seed}, noise {scoring.noise}")
     for ranking in rankings:
         click.echo(f"\nquery: {ranking.query}")
@@ -135,7 +138,7 @@ def search(query, index_dir, video, query_features, query_id, top, candidates, t
             click.echo(f"{rank:5d}  {score:8.4f}  {idx.video_ids[row]}")
         s = ranking.seconds
         click.echo(f"time: {1000 * s['total']:.1f} ms (first stage {1000 * s['first_stage']:.1f}, "
-                   f"re-rank {1000 * s['rerank']:.1f})")
+                   f"best frames {1000 * s['narrow']:.1f}, head {1000 * s['head']:.1f})")
     click.echo(f"query encoding {1000 * encoded:.1f} ms; index loaded in {opened:.2f} s")
     if json_path:
         write_json(json_path, idx, rankings, config, kind)
