@@ -18,7 +18,7 @@ import tmass.extract.video as video
 from tmass.extract.datasets import LayoutError, load_split
 from tmass.extract.demo import COLOURS, DemoSpec, demo_clip, render_demo, write_clip
 from tmass.extract.video import VideoError, read_frames
-from tmass.features.format import load_split as load_features
+from tmass.features.format import check_split, load_split as load_features
 
 MSRVTT_FIXTURES = Path(__file__).parents[2] / "shared/fixtures/msrvtt"
 needs_msrvtt = pytest.mark.skipif(not MSRVTT_FIXTURES.is_dir(), reason=f"real MSR-VTT files not present at {MSRVTT_FIXTURES}")
@@ -420,6 +420,7 @@ def test_folder_extracts_incrementally_and_zero_captions_read_back(tiny_model, t
     before = {p.name: p.stat().st_mtime_ns for p in split_dir.glob("*-0000[01].h5")}
     arrays = load_features(split_dir)
     assert arrays.video_ids == ["m.mp4", "sub/n.MOV"] and arrays.text_ids == [] and arrays.text_embeddings.shape == (0, 32)
+    assert check_split(split_dir) == []  # a split with videos and no captions is valid
     failed = json.loads((split_dir / "manifest.json").read_text())["failed"]
     assert [(f["id"], f["reason"].split(":")[0]) for f in failed] == [("broken.mp4", "undecodable")]
 
