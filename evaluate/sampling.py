@@ -12,9 +12,10 @@ Generator: Philox4x32-10 (Salmon et al., SC'11; cuRAND's and PyTorch's CUDA gene
     counter = (block, text_key_lo, text_key_hi, video_key_lo)    key = (video_key_hi, seed)
     block   = m * ceil(dim / 4) + d // 4,  lane d % 4 of the four 32-bit outputs
 
-Keys are the first 8 bytes of BLAKE2b of the id string. ``shared`` noise sets every
-video key to 0, giving the same eps[t, m] for a text against all videos. That is a
-variance-reduction choice, not the paper's protocol.
+Keys are the first 8 bytes of BLAKE2b of the id string. The noise mode is named and
+passed explicitly (``NOISE_MODES``): ``fresh`` keys eps by (text, video), the paper's
+protocol; ``shared`` draws it with the video key 0 for every video, giving the same
+eps[t, m] for a text against all videos, a variance-reduction choice.
 
     uniform prior: eps = (x >> 8) * 2**-24                      in [0, 1)
     normal prior:  Box-Muller on lanes (0, 1) and (2, 3), u1 = ((x >> 8) + 1) * 2**-24
@@ -23,12 +24,18 @@ Two implementations produce the same bits: ``philox_torch`` (any device: the nai
 reference scorer and the CUDA path) and the numba kernel :func:`pool_and_score` (the
 CPU fast path, fused with pooling and scoring so that eps never exists in memory).
 Tests hold them equal, and hold Philox to its published known-answer vectors.
+
+Every numba function here is compiled with ``cache=True``: the machine code is kept in
+``evaluate/__pycache__`` (or, where that is not writable, numba's per-user cache
+directory; ``NUMBA_CACHE_DIR`` overrides both), so only the first run on a machine pays
+the compilation, about 10 s per kernel variant.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from typing import NamedTuple
 
 import numba as nb
 import numpy as np
@@ -37,6 +44,7 @@ import torch
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 PHILOX_ROUNDS = 10
+NOISE_MODES = ("fresh", "shared")  # eps keyed by (text, video), or by text alone
 _MASK32 = 0xFFFFFFFF
 _U24 = 1.0 / (1 << 24)
 
@@ -81,9 +89,13 @@ def keyed_noise(
     prior: str = "uniform",
     prior_std: float = 1.0,
     device="cpu",
+    noise: str = "fresh",
 ) -> torch.Tensor:
     """eps for every pair: text_keys ``[n_text]``, video_keys ``[n_video]`` (uint64)
-    -> ``[n_text, n_video, trials, dim]`` float32 on ``device``."""
+    -> ``[n_text, n_video, trials, dim]`` float32 on ``device``. ``noise="shared"``
+    draws every video's eps with the video key 0."""
+    if noise == "shared":
+        video_keys = np.zeros(len(video_keys), dtype=np.uint64)
     blocks = -(-dim // 4)
     t_lo, t_hi = _split(text_keys, device)
     v_lo, v_hi = _split(video_keys, device)
@@ -175,6 +187,47 @@ def keyed_noise_numba(text_keys, video_keys, seed, trials, dim, normal, std):
     return out[..., :dim]
 
 
+class KernelInputs(NamedTuple):
+    """Everything the fused kernel reads, by name. ``dimp`` is dim padded to a multiple
+    of 4 (Philox's word count); :func:`pool_and_score` pads and fills in what the
+    caller leaves None, and the kernel reads this very structure.
+
+    text        ``[n_text, dim]``
+    logits      ``[heads, n_text, n_video * n_frames]`` attention logits (the masked
+                softmax over frames happens in the kernel)
+    frame_mask  ``[n_video, n_frames]`` bool
+    u, z        ``[n_video, heads * n_frames, dim]`` folded frame vectors and
+    consts      ``[7, dim]`` of :class:`tmass.evaluate.scores.FoldedXPool`
+    eps_attn, eps_out  the two LayerNorms' epsilons
+    radius      exp(R) ``[n_text, n_video, dim]``; None: no sampling (s = cos(t, p))
+    own         ``[n_video, n_slot, dim]``, video v pooled on its own captions (audit
+                protocol only; None otherwise), and
+    own_slot    ``[n_text]`` int64, the slot each text is scored against
+    eps_shared  ``[n_text, trials, dimp]`` (shared noise; filled in here)
+    text_keys, video_keys  uint64 ``[n_text]``, ``[n_video]``
+    seed, trials, prior_std, dim
+    """
+
+    text: np.ndarray
+    logits: np.ndarray
+    frame_mask: np.ndarray
+    u: np.ndarray
+    z: np.ndarray
+    consts: np.ndarray
+    eps_attn: float
+    eps_out: float
+    text_keys: np.ndarray
+    video_keys: np.ndarray
+    seed: int
+    trials: int
+    prior_std: float
+    radius: np.ndarray | None = None
+    own: np.ndarray | None = None
+    own_slot: np.ndarray | None = None
+    eps_shared: np.ndarray | None = None
+    dim: int = 0
+
+
 def _make_kernel(normal: bool, audit: bool, shared: bool):
     """Compile the fused kernel for one (prior, protocol, noise): the flags are compile-time
     constants, so the hot loops carry no branches and vectorise (a runtime prior flag
@@ -184,12 +237,17 @@ def _make_kernel(normal: bool, audit: bool, shared: bool):
     numba caches each specialisation on disk."""
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
-    def kernel(text, logits, frame_mask, u, z, consts, radius, own, eps_shared, text_keys, video_keys, seed, trials, std, dim, eps_attn, eps_out):
+    def kernel(a):
+        text, logits, frame_mask, u, z, radius = a.text, a.logits, a.frame_mask, a.u, a.z, a.radius
+        own, own_slot, eps_shared, text_keys, video_keys = a.own, a.own_slot, a.eps_shared, a.text_keys, a.video_keys
+        seed, trials, std, dim = np.uint32(a.seed), a.trials, np.float32(a.prior_std), a.dim
+        eps_attn, eps_out = np.float32(a.eps_attn), np.float32(a.eps_out)
         heads, n_text, n_video_frames = logits.shape
         n_video, n_frames = frame_mask.shape
         n_mix = heads * n_frames
         dimp = text.shape[1]  # dim padded to a multiple of 4
         blocks = dimp // 4
+        consts = a.consts
         bias, lin_bias, lin_shift, g_attn, b_attn, g_out, b_out = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5], consts[6]
         scores = np.empty((n_text, n_video), dtype=np.float32)
         for v in nb.prange(n_video):  # video-major: u[v], z[v] stay in cache across texts
@@ -241,7 +299,7 @@ def _make_kernel(normal: bool, audit: bool, shared: bool):
 
                 # -- score: cos(t, p), or the best of `trials` samples of the text mass
                 tr = text[t]
-                orow = own[v] if audit else o
+                orow = own[v, own_slot[t]] if audit else o
                 tt = np.float32(0.0)
                 tp = np.float32(0.0)
                 pp = np.float32(0.0)
@@ -267,9 +325,9 @@ def _make_kernel(normal: bool, audit: bool, shared: bool):
                 best = np.float32(-np.inf)
                 chosen = np.float32(0.0)
                 for m in range(trials):
-                    a = np.float32(0.0)  # eps . (r * p)
-                    b = np.float32(0.0)  # eps . (r * t)
-                    c = np.float32(0.0)  # eps^2 . r^2
+                    a_p = np.float32(0.0)  # eps . (r * p)
+                    b_t = np.float32(0.0)  # eps . (r * t)
+                    c_r = np.float32(0.0)  # eps^2 . r^2
                     a_own = np.float32(0.0)  # eps . (r * own), audit only
                     for blk in range(blocks):
                         d = 4 * blk
@@ -279,13 +337,13 @@ def _make_kernel(normal: bool, audit: bool, shared: bool):
                             x0, x1, x2, x3 = _philox_nb(np.uint32(m * blocks + blk), t_lo, t_hi, v_lo, v_hi, seed)
                             e0, e1, e2, e3 = _eps4(x0, x1, x2, x3, normal, std)
                         r0, r1, r2, r3 = e0 * rr[d], e1 * rr[d + 1], e2 * rr[d + 2], e3 * rr[d + 3]
-                        a += r0 * o[d] + r1 * o[d + 1] + r2 * o[d + 2] + r3 * o[d + 3]
-                        b += r0 * tr[d] + r1 * tr[d + 1] + r2 * tr[d + 2] + r3 * tr[d + 3]
-                        c += r0 * r0 + r1 * r1 + r2 * r2 + r3 * r3
+                        a_p += r0 * o[d] + r1 * o[d + 1] + r2 * o[d + 2] + r3 * o[d + 3]
+                        b_t += r0 * tr[d] + r1 * tr[d + 1] + r2 * tr[d + 2] + r3 * tr[d + 3]
+                        c_r += r0 * r0 + r1 * r1 + r2 * r2 + r3 * r3
                         if audit:
                             a_own += r0 * orow[d] + r1 * orow[d + 1] + r2 * orow[d + 2] + r3 * orow[d + 3]
-                    norm_tm = math.sqrt(max(tt + 2.0 * b + c, 1e-30))
-                    cos = (tp + a) / (norm_tm * norm_p)
+                    norm_tm = math.sqrt(max(tt + 2.0 * b_t + c_r, 1e-30))
+                    cos = (tp + a_p) / (norm_tm * norm_p)
                     if cos > best:
                         best = cos
                         if audit:
@@ -305,42 +363,46 @@ def _pad4(x: np.ndarray) -> np.ndarray:
     return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
 
 
-def pool_and_score(text, logits, frame_mask, u, z, consts, eps_attn, eps_out, radius, own, text_keys, video_keys, seed, trials, prior, prior_std):
+def pool_and_score(inputs: KernelInputs, prior: str = "uniform", noise: str = "fresh") -> np.ndarray:
     """The CPU fast path of X-Pool/T-MASS scoring, fused: attention, pooling, sampling.
 
-    text ``[n_text, dim]``; attention logits ``[heads, n_text, n_video*n_frames]`` and
-    frame_mask ``[n_video, n_frames]`` (softmax over real frames happens here);
-    the folded frame vectors u, z ``[n_video, heads*n_frames, dim]`` and consts
-    ``[7, dim]`` of :class:`tmass.evaluate.scores.FoldedXPool` (see
-    :func:`tmass.train.folded.fold_frames`); radius = exp(R) ``[n_text, n_video, dim]``
-    or None when not sampling; own ``[n_video, dim]`` or None (audit protocol);
-    keys uint64 ``[n_text]``, ``[n_video]`` (all video keys 0: shared noise)
-    -> scores ``[n_text, n_video]`` float32.
+    ``inputs`` (:class:`KernelInputs`) -> scores ``[n_text, n_video]`` float32; ``prior``
+    and ``noise`` (``NOISE_MODES``) pick the compiled variant.
 
     Per pair the work is O(heads * n_frames * dim) for the pooling and O(trials * dim)
     for the sampling, and neither the pooled videos nor eps ever exist in memory:
     cos(t_m, p) needs only ``eps . (r*p)``, ``eps . (r*t)`` and ``eps^2 . r^2`` beside the
     fixed |t|^2, t.p and |p|. In audit mode the trial is chosen against p(v|t) but
-    scored against ``own[v]`` (v pooled on its own caption): the official evaluator's
-    leak. dim is zero-padded to a multiple of 4 (Philox's word count); padding adds
+    scored against ``own[v, own_slot[t]]`` (v pooled on one of its own captions): the
+    official evaluator's leak. dim is zero-padded to a multiple of 4; padding adds
     nothing to any sum.
     """
-    dim = text.shape[-1]
-    sampling = radius is not None and trials > 0
-    shared = sampling and not np.any(video_keys)
-    key = (prior == "normal" and not shared, own is not None, shared)
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+    dim = inputs.text.shape[-1]
+    dimp = dim + (-dim % 4)
+    sampling = inputs.radius is not None and inputs.trials > 0
+    shared = sampling and noise == "shared"
+    audit = inputs.own is not None
+    key = (prior == "normal" and not shared, audit, shared)
     if key not in _KERNELS:
         _KERNELS[key] = _make_kernel(*key)
-    dimp = dim + (-dim % 4)
-    return _KERNELS[key](
-        _pad4(text), np.ascontiguousarray(logits, dtype=np.float32), np.ascontiguousarray(frame_mask, dtype=np.bool_),
-        _pad4(u), _pad4(z), _pad4(consts),
-        _pad4(radius) if sampling else np.empty((0, 0, dimp), np.float32),
-        _pad4(own) if own is not None else np.empty((0, dimp), np.float32),
-        _pad4(keyed_noise_numba(np.asarray(text_keys, dtype=np.uint64), np.zeros(1, np.uint64), np.uint32(int(seed) & _MASK32),
-                                int(trials), dim, prior == "normal", np.float32(prior_std))[:, 0])
-        if shared else np.empty((0, 0, dimp), np.float32),
-        np.asarray(text_keys, dtype=np.uint64), np.asarray(video_keys, dtype=np.uint64),
-        np.uint32(int(seed) & _MASK32), int(trials) if sampling else 0, np.float32(prior_std), dim,
-        np.float32(eps_attn), np.float32(eps_out),
+    seed = np.uint32(int(inputs.seed) & _MASK32)
+    text_keys = np.asarray(inputs.text_keys, dtype=np.uint64)
+    eps_shared = np.empty((0, 0, dimp), np.float32)
+    if shared:
+        eps_shared = _pad4(keyed_noise_numba(text_keys, np.zeros(1, np.uint64), seed, int(inputs.trials), dim,
+                                             prior == "normal", np.float32(inputs.prior_std))[:, 0])
+    ready = inputs._replace(
+        text=_pad4(inputs.text), logits=np.ascontiguousarray(inputs.logits, dtype=np.float32),
+        frame_mask=np.ascontiguousarray(inputs.frame_mask, dtype=np.bool_),
+        u=_pad4(inputs.u), z=_pad4(inputs.z), consts=_pad4(inputs.consts),
+        eps_attn=float(inputs.eps_attn), eps_out=float(inputs.eps_out),
+        text_keys=text_keys, video_keys=np.asarray(inputs.video_keys, dtype=np.uint64),
+        seed=int(seed), trials=int(inputs.trials) if sampling else 0, prior_std=float(inputs.prior_std),
+        radius=_pad4(inputs.radius) if sampling else np.empty((0, 0, dimp), np.float32),
+        own=_pad4(inputs.own) if audit else np.empty((0, 0, dimp), np.float32),
+        own_slot=np.ascontiguousarray(inputs.own_slot, dtype=np.int64) if audit else np.empty(0, np.int64),
+        eps_shared=eps_shared, dim=dim,
     )
+    return _KERNELS[key](ready)

@@ -17,9 +17,12 @@ does not change a score. The tests check all three.
 
 **Audit mode** (``protocol="reference"``) reproduces the official T-MASS evaluator so a
 user can measure its leak on their own features. There, the trial is chosen against
-p(v|t), but the score is cos(t*, p(v|t_v)) with t_v *v's own caption* (its first one in
-the query set): every query is compared with a video already pooled towards the right
-answer. On structureless random features this alone lifts R@1 far above chance.
+p(v|t), but caption k of any video (k counting each video's captions in query order) is
+scored as cos(t*, p(v|t_{v,k})) with t_{v,k} *v's own k-th caption*: every query is
+compared with a video already pooled towards the right answer. Where v has no k-th
+caption the reference's padding makes the score undefined; it is NaN here too, and the
+metrics treat it as the reference does (:mod:`tmass.evaluate.metrics`). On
+structureless random features this alone lifts R@1 far above chance.
 
 Two implementations share the noise and are tested equal:
 
@@ -46,14 +49,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tmass.evaluate.metrics import dual_softmax, retrieval_metrics
-from tmass.evaluate.sampling import id_keys, keyed_noise, pool_and_score
+from tmass.evaluate.metrics import caption_slots, dual_softmax, reference_dual_softmax, retrieval_metrics
+from tmass.evaluate.sampling import NOISE_MODES, KernelInputs, id_keys, keyed_noise, pool_and_score
 from tmass.features.format import SplitArrays
 from tmass.train.folded import fold_frames
 from tmass.train.heads import Head, XPoolFusion, frame_similarity
 
 PROTOCOLS = ("leak-free", "reference")
-NOISE_MODES = ("fresh", "shared")
 PATHS = ("fast", "naive")
 
 
@@ -93,14 +95,15 @@ def sample_scores_torch(text, radius, pooled, own, eps) -> torch.Tensor:
 
     text ``[n_text, dim]``, radius ``[n_text, n_video, dim]`` (or ``[..., 1]``),
     pooled ``[n_text, n_video, dim]``, eps ``[n_text, n_video, trials, dim]``,
-    own ``[n_video, dim]`` or None -> scores ``[n_text, n_video]``."""
+    own ``[n_text, n_video, dim]`` (audit: the video each pair is scored against) or
+    None -> scores ``[n_text, n_video]``."""
     sampled = text[:, None, None, :] + eps * radius[:, :, None, :]  # [n_text, n_video, trials, dim]
     cos = _cos(sampled, pooled[:, :, None, :])  # [n_text, n_video, trials]
     if own is None:
         return cos.max(dim=-1).values
     best = cos.argmax(dim=-1)  # [n_text, n_video]
     chosen = sampled.gather(2, best[:, :, None, None].expand(-1, -1, 1, sampled.shape[-1])).squeeze(2)
-    return _cos(chosen, own[None, :, :])
+    return _cos(chosen, own)
 
 
 class FoldedXPool:
@@ -152,13 +155,16 @@ def _chunks(n_text: int, n_video: int, chunk_pairs: int):
 
 
 def own_caption_index(text_to_video: np.ndarray, n_video: int) -> np.ndarray:
-    """For the audit protocol: each video's first caption among the queries ``[n_video]``."""
-    own = np.full(n_video, -1, dtype=np.int64)
-    for t in range(len(text_to_video) - 1, -1, -1):
-        own[text_to_video[t]] = t
-    if (own < 0).any():
+    """For the audit protocol: the query row of each video's k-th caption,
+    ``[n_video, n_slot]`` with n_slot the most captions of any video, -1 where a video has
+    fewer (k as in :func:`tmass.evaluate.metrics.caption_slots`)."""
+    text_to_video = np.asarray(text_to_video)
+    slots = caption_slots(text_to_video)
+    own = np.full((n_video, int(slots.max(initial=0)) + 1), -1, dtype=np.int64)
+    own[text_to_video, slots] = np.arange(len(text_to_video))
+    if (own[:, 0] < 0).any():
         raise ValueError(
-            f"the reference protocol needs a caption for every gallery video; {int((own < 0).sum())} have none"
+            f"the reference protocol needs a caption for every gallery video; {int((own[:, 0] < 0).sum())} have none"
         )
     return own
 
@@ -179,7 +185,8 @@ def score_matrix(
     text ``[n_text, dim]``, frames ``[n_video, n_frames, dim]``, frame_mask
     ``[n_video, n_frames]`` -> ``[n_text, n_video]`` float32 (rows in ``text_ids`` order,
     columns in ``video_ids`` order). ``text_to_video`` ``[n_text]`` is only used by the
-    audit protocol, to find each video's own caption.
+    audit protocol, to find each video's own captions; there a score is NaN where the
+    video has no caption in the query's slot (see the module docstring).
     """
     device = resolve_device(config.device)
     head = head.to(device).eval()
@@ -191,18 +198,19 @@ def score_matrix(
         raise ValueError("ids and embeddings disagree in length")
 
     sampling = head.stochastic and config.trials > 0
-    text_keys = id_keys(text_ids)
-    video_keys = id_keys(video_ids) if config.noise == "fresh" else np.zeros(n_video, dtype=np.uint64)
+    text_keys, video_keys = id_keys(text_ids), id_keys(video_ids)
 
-    own_pooled = None  # [n_video, dim]: each video pooled on its own caption (audit only)
+    own_pooled = None  # [n_video, n_slot, dim]: video v pooled on its own k-th caption (audit only)
     if config.protocol == "reference":
         if text_to_video is None:
             raise ValueError("the reference protocol needs text_to_video")
-        own = torch.from_numpy(own_caption_index(np.asarray(text_to_video), n_video)).to(device)
-        own_pooled = torch.stack(
-            [head.pool(text[own[v : v + 1]], frames[v : v + 1], None if frame_mask is None else frame_mask[v : v + 1])[0, 0]
-             for v in range(n_video)]
-        )
+        own_index = own_caption_index(text_to_video, n_video)  # [n_video, n_slot]
+        slots = caption_slots(text_to_video)  # [n_text]
+        own_pooled = torch.zeros(n_video, own_index.shape[1], text.shape[1], device=device)
+        for v, rows in enumerate(own_index):
+            rows = torch.from_numpy(rows[rows >= 0]).to(device)
+            own_pooled[v, : len(rows)] = head.pool(
+                text[rows], frames[v : v + 1], None if frame_mask is None else frame_mask[v : v + 1])[:, 0]
 
     # The CPU fast path folds X-Pool's video side once; on CUDA the head's own forward
     # pass is fast enough and the sampling runs with materialised eps.
@@ -222,7 +230,7 @@ def score_matrix(
     for ts, vs in _chunks(n_text, n_video, chunk_pairs):
         t, f = text[ts], frames[vs]
         m = frame_mask[vs] if frame_mask is not None else None
-        own = own_pooled[vs] if own_pooled is not None else None
+        own = own_pooled[vs] if own_pooled is not None else None  # [n_vc, n_slot, dim]
         radius = None  # exp(R): [n_tc, n_vc, dim or 1]
         if sampling and unit_frames is not None:
             sims = (F.normalize(t, dim=-1) @ unit_frames[vs].flatten(0, 1).T).view(len(t), len(f), -1)
@@ -230,27 +238,32 @@ def score_matrix(
         elif sampling:
             radius = head.radius(frame_similarity(t, f, m)).exp()
         if folded is not None:
-            fusion = head.pooling
-            chunk = torch.from_numpy(pool_and_score(
-                t.numpy(), folded.logits(t, vs).numpy(),
-                (m if m is not None else torch.ones(f.shape[:2], dtype=torch.bool)).numpy(),
-                folded.u[vs].numpy(), folded.z[vs].numpy(),
-                folded.consts.numpy(), fusion.norm_attn.eps, fusion.norm_out.eps,
-                radius.expand(-1, -1, t.shape[1]).numpy() if sampling else None,
-                own.numpy() if own is not None else None,
-                text_keys[ts], video_keys[vs], config.seed, config.trials, head.cfg.prior, head.cfg.prior_std,
-            ))
+            inputs = KernelInputs(
+                text=t.numpy(), logits=folded.logits(t, vs).numpy(),
+                frame_mask=(m if m is not None else torch.ones(f.shape[:2], dtype=torch.bool)).numpy(),
+                u=folded.u[vs].numpy(), z=folded.z[vs].numpy(), consts=folded.consts.numpy(),
+                eps_attn=head.pooling.norm_attn.eps, eps_out=head.pooling.norm_out.eps,
+                text_keys=text_keys[ts], video_keys=video_keys[vs],
+                seed=config.seed, trials=config.trials, prior_std=head.cfg.prior_std,
+                radius=radius.expand(-1, -1, t.shape[1]).numpy() if sampling else None,
+                own=own.numpy() if own is not None else None, own_slot=slots[ts] if own is not None else None,
+            )
+            chunk = torch.from_numpy(pool_and_score(inputs, prior=head.cfg.prior, noise=config.noise))
         else:
             pooled = head.pool(t, f, m)  # [n_tc, n_vc, dim]
+            if own is not None:  # the video each pair is scored against: [n_tc, n_vc, dim]
+                own = own[:, torch.from_numpy(slots[ts]).to(device)].transpose(0, 1)
             if not sampling:
-                chunk = _cos(t[:, None, :], own[None, :, :] if own is not None else pooled)
+                chunk = _cos(t[:, None, :], own if own is not None else pooled)
             else:
                 eps = keyed_noise(text_keys[ts], video_keys[vs], config.seed, config.trials, t.shape[1],
-                                  head.cfg.prior, head.cfg.prior_std, device)
+                                  head.cfg.prior, head.cfg.prior_std, device, noise=config.noise)
                 chunk = sample_scores_torch(t, radius, pooled, own, eps)
         scores[ts, vs] = chunk.float().cpu().numpy()
         bar.update((ts.stop - ts.start) * (vs.stop - vs.start))
     bar.close()
+    if own_pooled is not None:
+        scores[(own_index[:, slots] < 0).T] = np.nan  # v has no caption in t's slot
     return scores
 
 
@@ -273,8 +286,13 @@ def metrics_report(scores: np.ndarray, text_to_video: np.ndarray, config: EvalCo
     """Metrics plus the labels every output carries (protocol, trials, noise, seed).
     With ``dsl`` the DSL-re-weighted metrics are added under ``"dsl"``, labelled
     transductive, beside (never instead of) the plain ones."""
-    report = retrieval_metrics(scores, text_to_video, directions)
-    if dsl:
+    report = retrieval_metrics(scores, text_to_video, directions, config.protocol)
+    if dsl and config.protocol == "reference":
+        report["dsl"] = {
+            "note": "transductive, as the reference computes it: a softmax over the k-th captions of all videos",
+            **retrieval_metrics(reference_dual_softmax(scores, text_to_video), text_to_video, directions, config.protocol),
+        }
+    elif dsl:
         report["dsl"] = {
             "note": "transductive: DSL re-weights each score by a softmax over all queries at once",
             **retrieval_metrics(dual_softmax(scores), text_to_video, directions),
