@@ -58,11 +58,20 @@ def run_kind(directory: Path) -> str | None:
 
 
 def latest_run(root: Path, kind: str = "train") -> Path | None:
-    """The sub-directory of ``root`` of that kind whose files changed last, or None."""
+    """The sub-directory of ``root`` of that kind that was written to last, or None. A
+    training run counts from its last logged step (``log.jsonl``), so evaluating an
+    older run (which writes eval.json) does not make it the latest."""
     runs = [d for d in Path(root).glob("*/") if d.is_dir() and run_kind(d) == kind]
     if not runs:
         return None
-    return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.iterdir() if f.is_file()))
+
+    def written(run: Path) -> float:
+        for name in ("log.jsonl", MARKER, "config.json"):
+            if (run / name).is_file():
+                return (run / name).stat().st_mtime
+        return 0.0
+
+    return max(runs, key=written)
 
 
 def main(argv: list[str] | None = None) -> int:
