@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import typing
 from pathlib import Path
 
 import click
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 FILE_SECTIONS = ("train", "head")  # besides the top-level "features"
 
