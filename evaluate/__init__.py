@@ -18,7 +18,16 @@ _EXPORTS = {
     "dual_softmax": "metrics",
     "retrieval_metrics": "metrics",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "split_metrics"])
+
+
+def split_metrics(head, arrays, trials: int, seed: int, device: str) -> dict:
+    """The trainer's evaluator (``tmass.train.trainer.Evaluator``): leak-free metrics of
+    ``head`` on a split, without a progress bar. The ``tmass`` command and sweeps hand it
+    to training (train/ never imports this package); torch loads on the first call."""
+    from tmass.evaluate.scores import EvalConfig, evaluate_head
+
+    return evaluate_head(head, arrays, EvalConfig(trials=trials, seed=seed, device=device, progress=False))
 
 
 def __getattr__(name):

@@ -86,7 +86,7 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
     if head.cfg.embed_dim != arrays.meta.embed_dim:
         raise click.ClickException(
             f"{checkpoint}: head has dim {head.cfg.embed_dim}, features {split_dir} have dim {arrays.meta.embed_dim}")
-    if head.radius is not None and head.cfg.radius == "linear" and head.cfg.num_frames != arrays.meta.num_frames:
+    if getattr(head, "radius", None) is not None and head.cfg.radius == "linear" and head.cfg.num_frames != arrays.meta.num_frames:
         raise click.ClickException(
             f"{checkpoint}: linear radius expects {head.cfg.num_frames} frames, features {split_dir} have {arrays.meta.num_frames}")
     if protocol == "reference":

@@ -53,7 +53,10 @@ from tmass.evaluate.metrics import caption_slots, dual_softmax, reference_dual_s
 from tmass.evaluate.sampling import NOISE_MODES, KernelInputs, id_keys, keyed_noise, pool_and_score
 from tmass.features.format import SplitArrays
 from tmass.train.folded import fold_frames
-from tmass.train.heads import Head, XPoolFusion, frame_similarity
+from tmass.train.heads import RetrievalHead, TextFeatures, VideoFeatures, XPoolFusion, frame_similarity, sample_scores
+from tmass.train.heads.base import split_features
+from tmass.train.registry import head_spec
+from tmass.train.trainer import resolve_device
 
 PROTOCOLS = ("leak-free", "reference")
 PATHS = ("fast", "naive")
@@ -80,30 +83,8 @@ class EvalConfig:
             raise ValueError("trials must be >= 0")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
-
-
-def sample_scores_torch(text, radius, pooled, own, eps) -> torch.Tensor:
-    """The sampling step with eps materialised (naive path, and the CUDA fast path).
-
-    text ``[n_text, dim]``, radius ``[n_text, n_video, dim]`` (or ``[..., 1]``),
-    pooled ``[n_text, n_video, dim]``, eps ``[n_text, n_video, trials, dim]``,
-    own ``[n_text, n_video, dim]`` (audit: the video each pair is scored against) or
-    None -> scores ``[n_text, n_video]``."""
-    sampled = text[:, None, None, :] + eps * radius[:, :, None, :]  # [n_text, n_video, trials, dim]
-    cos = _cos(sampled, pooled[:, :, None, :])  # [n_text, n_video, trials]
-    if own is None:
-        return cos.max(dim=-1).values
-    best = cos.argmax(dim=-1)  # [n_text, n_video]
-    chosen = sampled.gather(2, best[:, :, None, None].expand(-1, -1, 1, sampled.shape[-1])).squeeze(2)
-    return _cos(chosen, own)
 
 
 class FoldedXPool:
@@ -169,9 +150,8 @@ def own_caption_index(text_to_video: np.ndarray, n_video: int) -> np.ndarray:
     return own
 
 
-@torch.inference_mode()
 def score_matrix(
-    head: Head,
+    head: RetrievalHead,
     text: torch.Tensor,
     text_ids: list[str],
     frames: torch.Tensor,
@@ -180,30 +160,52 @@ def score_matrix(
     config: EvalConfig,
     text_to_video: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Scores of every query against every gallery video.
-
+    """:func:`score_features` for a head that reads caption embeddings and frames only:
     text ``[n_text, dim]``, frames ``[n_video, n_frames, dim]``, frame_mask
-    ``[n_video, n_frames]`` -> ``[n_text, n_video]`` float32 (rows in ``text_ids`` order,
-    columns in ``video_ids`` order). ``text_to_video`` ``[n_text]`` is only used by the
-    audit protocol, to find each video's own captions; there a score is NaN where the
-    video has no caption in the query's slot (see the module docstring).
+    ``[n_video, n_frames]`` -> ``[n_text, n_video]`` float32."""
+    return score_features(head, TextFeatures(text), text_ids, VideoFeatures(frames, frame_mask), video_ids, config,
+                          text_to_video)
+
+
+@torch.inference_mode()
+def score_features(
+    head: RetrievalHead,
+    text_features: TextFeatures,
+    text_ids: list[str],
+    video_features: VideoFeatures,
+    video_ids: list[str],
+    config: EvalConfig,
+    text_to_video: np.ndarray | None = None,
+) -> np.ndarray:
+    """Scores of every query against every gallery video: ``[n_text, n_video]`` float32
+    (rows in ``text_ids`` order, columns in ``video_ids`` order).
+
+    Pairs are scored a chunk at a time (at most ``config.chunk_pairs``) by the head's
+    own ``score`` (the generic path), or by a fast path the head offers: on CPU, heads
+    offering ``folded-xpool`` run the fused numba kernel. ``text_to_video`` ``[n_text]``
+    is only used by the audit protocol (X-Pool family heads only), to find each video's
+    own captions; there a score is NaN where the video has no caption in the query's slot
+    (see the module docstring).
     """
     device = resolve_device(config.device)
     head = head.to(device).eval()
-    text = text.to(device, torch.float32)
-    frames = frames.to(device, torch.float32)
-    frame_mask = frame_mask.to(device) if frame_mask is not None else None
+    text_features, video_features = text_features.to(device), video_features.to(device)
+    text, frames, frame_mask = text_features.embedding, video_features.frames, video_features.frame_mask
     n_text, n_video = len(text), len(frames)
     if len(text_ids) != n_text or len(video_ids) != n_video:
         raise ValueError("ids and embeddings disagree in length")
 
     sampling = head.stochastic and config.trials > 0
+    noise = head.noise
     text_keys, video_keys = id_keys(text_ids), id_keys(video_ids)
 
     own_pooled = None  # [n_video, n_slot, dim]: video v pooled on its own k-th caption (audit only)
     if config.protocol == "reference":
         if text_to_video is None:
             raise ValueError("the reference protocol needs text_to_video")
+        if not hasattr(head, "pool"):
+            raise ValueError(f"the reference protocol audits heads that pool a video per caption (X-Pool, T-MASS); "
+                             f"{head.cfg.head} does not")
         own_index = own_caption_index(text_to_video, n_video)  # [n_video, n_slot]
         slots = caption_slots(text_to_video)  # [n_text]
         own_pooled = torch.zeros(n_video, own_index.shape[1], text.shape[1], device=device)
@@ -215,7 +217,7 @@ def score_matrix(
     # The CPU fast path folds X-Pool's video side once; on CUDA the head's own forward
     # pass is fast enough and the sampling runs with materialised eps.
     folded = None
-    if config.path == "fast" and device.type == "cpu" and isinstance(head.pooling, XPoolFusion):
+    if config.path == "fast" and device.type == "cpu" and "folded-xpool" in head_spec(head.cfg.head).fast_paths:
         folded = FoldedXPool(head.pooling, frames)
 
     # S(t, v) in the fast path: unit frames once per gallery, one GEMM per chunk
@@ -231,34 +233,36 @@ def score_matrix(
         t, f = text[ts], frames[vs]
         m = frame_mask[vs] if frame_mask is not None else None
         own = own_pooled[vs] if own_pooled is not None else None  # [n_vc, n_slot, dim]
-        radius = None  # exp(R): [n_tc, n_vc, dim or 1]
-        if sampling and unit_frames is not None:
-            sims = (F.normalize(t, dim=-1) @ unit_frames[vs].flatten(0, 1).T).view(len(t), len(f), -1)
-            radius = head.radius(sims if m is None else sims * m).exp_()  # = frame_similarity(t, f, m)
-        elif sampling:
-            radius = head.radius(frame_similarity(t, f, m)).exp()
+        eps = None  # [n_tc, n_vc, trials, noise.dim], keyed by the pairs' ids
+        if sampling and folded is None:
+            eps = keyed_noise(text_keys[ts], video_keys[vs], config.seed, config.trials, noise.dim,
+                              noise.prior, noise.std, device, noise=config.noise)
         if folded is not None:
+            radius = None  # exp(R): [n_tc, n_vc, dim or 1]
+            if sampling:
+                sims = (F.normalize(t, dim=-1) @ unit_frames[vs].flatten(0, 1).T).view(len(t), len(f), -1)
+                radius = head.radius(sims if m is None else sims * m).exp_()  # = frame_similarity(t, f, m)
             inputs = KernelInputs(
                 text=t.numpy(), logits=folded.logits(t, vs).numpy(),
                 frame_mask=(m if m is not None else torch.ones(f.shape[:2], dtype=torch.bool)).numpy(),
                 u=folded.u[vs].numpy(), z=folded.z[vs].numpy(), consts=folded.consts.numpy(),
                 eps_attn=head.pooling.norm_attn.eps, eps_out=head.pooling.norm_out.eps,
                 text_keys=text_keys[ts], video_keys=video_keys[vs],
-                seed=config.seed, trials=config.trials, prior_std=head.cfg.prior_std,
+                seed=config.seed, trials=config.trials, prior_std=noise.std if sampling else 1.0,
                 radius=radius.expand(-1, -1, t.shape[1]).numpy() if sampling else None,
                 own=own.numpy() if own is not None else None, own_slot=slots[ts] if own is not None else None,
             )
-            chunk = torch.from_numpy(pool_and_score(inputs, prior=head.cfg.prior, noise=config.noise))
-        else:
-            pooled = head.pool(t, f, m)  # [n_tc, n_vc, dim]
-            if own is not None:  # the video each pair is scored against: [n_tc, n_vc, dim]
-                own = own[:, torch.from_numpy(slots[ts]).to(device)].transpose(0, 1)
+            chunk = torch.from_numpy(pool_and_score(inputs, prior=noise.prior if sampling else "uniform",
+                                                    noise=config.noise))
+        elif own is not None:  # audit: scored against the video pooled on its own caption
+            own = own[:, torch.from_numpy(slots[ts]).to(device)].transpose(0, 1)  # [n_tc, n_vc, dim]
             if not sampling:
-                chunk = _cos(t[:, None, :], own if own is not None else pooled)
+                chunk = _cos(t[:, None, :], own)
             else:
-                eps = keyed_noise(text_keys[ts], video_keys[vs], config.seed, config.trials, t.shape[1],
-                                  head.cfg.prior, head.cfg.prior_std, device, noise=config.noise)
-                chunk = sample_scores_torch(t, radius, pooled, own, eps)
+                radius = head.radius(frame_similarity(t, f, m)).exp()
+                chunk = sample_scores(t, radius, head.pool(t, f, m), eps, own)
+        else:  # the generic path: the head's own scoring of this chunk of pairs
+            chunk = head.score(text_features[ts], video_features[vs], eps)
         scores[ts, vs] = chunk.float().cpu().numpy()
         bar.update((ts.stop - ts.start) * (vs.stop - vs.start))
     bar.close()
@@ -267,19 +271,11 @@ def score_matrix(
     return scores
 
 
-def score_split(head: Head, arrays: SplitArrays, config: EvalConfig) -> np.ndarray:
+def score_split(head: RetrievalHead, arrays: SplitArrays, config: EvalConfig) -> np.ndarray:
     """Every caption of a split against every video of it: ``[n_text, n_video]``, rows and
-    columns in shard order."""
-    return score_matrix(
-        head,
-        torch.from_numpy(arrays.text_embeddings),
-        arrays.text_ids,
-        torch.from_numpy(arrays.frames),
-        torch.from_numpy(arrays.frame_mask),
-        arrays.video_ids,
-        config,
-        text_to_video=arrays.text_to_video,
-    )
+    columns in shard order. The head is given the features it declares (registry)."""
+    text, video = split_features(arrays, head_spec(head.cfg.head).features)
+    return score_features(head, text, arrays.text_ids, video, arrays.video_ids, config, text_to_video=arrays.text_to_video)
 
 
 def metrics_report(scores: np.ndarray, text_to_video: np.ndarray, config: EvalConfig, directions: str = "both", dsl: bool = False) -> dict:
@@ -306,7 +302,7 @@ def metrics_report(scores: np.ndarray, text_to_video: np.ndarray, config: EvalCo
     return report
 
 
-def evaluate_head(head: Head, arrays: SplitArrays, config: EvalConfig | None = None, directions: str = "both", dsl: bool = False) -> dict:
+def evaluate_head(head: RetrievalHead, arrays: SplitArrays, config: EvalConfig | None = None, directions: str = "both", dsl: bool = False) -> dict:
     """Retrieval metrics of ``head`` on a split (see :func:`metrics_report`)."""
     config = config or EvalConfig()
     return metrics_report(score_split(head, arrays, config), arrays.text_to_video, config, directions, dsl)

@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from tmass.cli import main
+from tmass.evaluate import split_metrics
 from tmass.features.format import load_split
 from tmass.train.data import Batch, PairData, epoch_order, held_out_videos, split_validation, subset_videos
 from tmass.train.folded import fast_dropout, folded_xpool
@@ -241,8 +242,9 @@ def _losses(run_dir) -> list[float]:
 def test_training_reduces_loss_and_beats_the_untrained_model(tiny_features, tmp_path):
     cfg = TrainConfig(epochs=3, lr=1e-3, val_fraction=0.0, eval_trials=5, device="cpu")
     untrained = train(tiny_features, tmp_path / "untrained", dataclasses.replace(cfg, epochs=0),
-                      HeadConfig(head="tmass"), progress=False)
-    trained = train(tiny_features, tmp_path / "trained", cfg, HeadConfig(head="tmass"), progress=False)
+                      HeadConfig(head="tmass"), progress=False, evaluate=split_metrics)
+    trained = train(tiny_features, tmp_path / "trained", cfg, HeadConfig(head="tmass"), progress=False,
+                    evaluate=split_metrics)
     losses = _losses(tmp_path / "trained")
     assert len(losses) == 3 * (1024 // 32)
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
@@ -304,7 +306,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_features, tmp_path
 
 def test_validation_selects_best_and_labels_it(tiny_features, tmp_path):
     cfg = TrainConfig(epochs=2, lr=1e-3, val_fraction=0.2, val_every=10, final_eval=False)
-    train(tiny_features, tmp_path / "run", cfg, HeadConfig(head="xpool"), progress=False)
+    with pytest.raises(ValueError, match="need an evaluator"):  # train/ cannot pick one: it is handed in
+        train(tiny_features, tmp_path / "run", cfg, HeadConfig(head="xpool"), progress=False)
+    train(tiny_features, tmp_path / "run", cfg, HeadConfig(head="xpool"), progress=False, evaluate=split_metrics)
     assert torch.get_num_threads() == 1  # the evaluator's numba pool must not reset torch's threads
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     per_epoch = config["pairs"]["train"] // 32

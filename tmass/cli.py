@@ -7,18 +7,21 @@ decord) happen inside the commands so that ``tmass --help`` stays instant.
 import click
 
 from tmass import __version__
+from tmass.checkhead import check_head_command
 from tmass.extract.cli import extract
+from tmass.evaluate import split_metrics
 from tmass.evaluate.cli import evaluate
 from tmass.features.cli import features
 from tmass.report import report
 from tmass.search_cli import index, search
 from tmass.sweep import ablate
-from tmass.train.cli import train
+from tmass.train.cli import EVALUATOR_KEY, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tmass")
-def main():
+@click.pass_context
+def main(ctx):
     """T-MASS text-video retrieval on precomputed CLIP features.
 
     \b
@@ -27,6 +30,7 @@ def main():
       tmass train   --features features/demo/ViT-B-32__auto --head tmass --out runs/demo
       tmass eval    --features features/demo/ViT-B-32__auto --checkpoint runs/demo/best.pt
     """
+    ctx.meta[EVALUATOR_KEY] = split_metrics  # validation and test metrics of `tmass train`
 
 
 main.add_command(features)
@@ -35,5 +39,6 @@ main.add_command(train)
 main.add_command(evaluate)
 main.add_command(ablate)
 main.add_command(report)
+main.add_command(check_head_command)
 main.add_command(index)
 main.add_command(search)

@@ -169,7 +169,7 @@ def _train_one(job: tuple) -> str:
     features, run_dir, head_overrides, train_overrides, threads = job
     import torch
 
-    from tmass.evaluate.scores import split_metrics
+    from tmass.evaluate import split_metrics
     from tmass.train.registry import head_spec
     from tmass.train.trainer import TrainConfig, train
 

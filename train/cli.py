@@ -8,6 +8,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from tmass.train.registry import head_names
+
+# ctx.meta key of the evaluator that validates and tests a run (trainer.Evaluator); the
+# ``tmass`` group above hands in the leak-free one, since train/ never imports evaluate/
+EVALUATOR_KEY = "tmass.evaluator"
+
 # option name -> (config, field): which config each command-line option sets
 _FIELDS = {
     "head": ("head", "head"), "radius": ("head", "radius"), "prior": ("head", "prior"),
@@ -28,7 +34,7 @@ _FIELDS = {
 @click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Features directory with train/ and test/ splits (taken from the run with --resume).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory to write.")
-@click.option("--head", type=click.Choice(["meanp", "xpool", "tmass"]), default="tmass", show_default=True)
+@click.option("--head", type=click.Choice(head_names()), default="tmass", show_default=True, help="Registered head to train.")
 @click.option("--radius", type=click.Choice(["sim", "scalar", "linear"]), default="linear", show_default=True,
               help="T-MASS radius (Table 5): R = S, R = theta*S, or R = W S + b.")
 @click.option("--prior", type=click.Choice(["uniform", "normal"]), default="uniform", show_default=True,
@@ -69,9 +75,7 @@ _FIELDS = {
 @click.pass_context
 def train(ctx, features, out, resume, stop_after, progress, **options):
     """Train a head on cached CLIP features; write config, logs, checkpoints and metrics to --out."""
-    import dataclasses
-
-    from tmass.train.heads import HeadConfig
+    from tmass.train.registry import head_spec
     from tmass.train.trainer import TrainConfig, train as run_training
 
     values = {"train": {}, "head": {}}
@@ -84,9 +88,9 @@ def train(ctx, features, out, resume, stop_after, progress, **options):
         raise click.UsageError("--features is required (unless --resume)")
     try:
         cfg = TrainConfig(**values["train"])
-        head_fields = {f.name for f in dataclasses.fields(HeadConfig)}
-        head_cfg = HeadConfig(**{k: v for k, v in values["head"].items() if k in head_fields})
-        metrics = run_training(features, out, cfg, head_cfg, resume=resume, stop_after=stop_after, progress=progress)
+        head_cfg = head_spec(values["head"]["head"]).make_config(**values["head"])
+        metrics = run_training(features, out, cfg, head_cfg, resume=resume, stop_after=stop_after, progress=progress,
+                               evaluate=ctx.meta.get(EVALUATOR_KEY))
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     if "test" in metrics:

@@ -26,18 +26,20 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from tmass import __version__
-from tmass.evaluate.scores import EvalConfig, evaluate_head, resolve_device
 from tmass.features.format import SplitArrays, load_split
 from tmass.train.data import PairData, epoch_order, split_validation
-from tmass.train.heads import Head, HeadConfig
+from tmass.train.heads import RetrievalHead
 from tmass.train.losses import DEFAULT_LOSS, POOLING_PATHS, SUPPORT_VIDEOS, batch_losses, build_loss, parse_loss_terms
+from tmass.train.registry import build_head, config_from_dict
 
 CHECKPOINT_VERSION = 1
 SELECTION_LABELS = {
@@ -134,7 +136,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def resolve_configs(cfg: TrainConfig, head_cfg: HeadConfig, arrays: SplitArrays) -> tuple[TrainConfig, HeadConfig]:
+def resolve_configs(cfg: TrainConfig, head_cfg: Any, arrays: SplitArrays) -> tuple[TrainConfig, Any]:
     """Fill in what the features and the head decide: loss terms (head default, checked
     against the head), every field of the loss's config (so a run's config.json names
     all of them), and the head's width, frame count and initial logit scale (from the
@@ -155,12 +157,12 @@ class Trainer:
     """A head, its AdamW optimiser and the generators of one run; ``step`` trains on a
     batch of caption rows. Holds no file: checkpoints are the caller's business."""
 
-    def __init__(self, cfg: TrainConfig, head_cfg: HeadConfig, data: PairData, device: torch.device):
+    def __init__(self, cfg: TrainConfig, head_cfg: Any, data: PairData, device: torch.device):
         self.cfg = cfg
         self.data = data
         self.device = device
         torch.manual_seed(cfg.seed)  # dropout draws from the global generator
-        self.head = Head(head_cfg).to(device)
+        self.head = build_head(head_cfg).to(device)
         params = dict(self.head.named_parameters())
         groups = [
             {"params": [p for name, p in params.items() if name not in NO_DECAY]},
@@ -252,11 +254,12 @@ def save_checkpoint(path: Path, trainer: Trainer, run: dict, full: bool) -> None
     _atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Head, dict]:
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[RetrievalHead, dict]:
     """A trained head (eval mode) and the checkpoint's other entries, from ``best.pt`` or
-    ``last.pt`` of a run."""
+    ``last.pt`` of a run. The head is rebuilt through the registry from the stored
+    ``head_config`` (its ``head`` field names the registered head)."""
     checkpoint = torch.load(path, map_location=device, weights_only=False)
-    head = Head(HeadConfig(**checkpoint["head_config"])).to(device)
+    head = build_head(config_from_dict(checkpoint["head_config"])).to(device)
     head.load_state_dict(checkpoint["state_dict"])
     return head.eval(), checkpoint
 
@@ -264,9 +267,24 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Hea
 # ----------------------------------------------------------------------------- the run
 
 
-def _evaluate(head: Head, arrays: SplitArrays, trials: int, seed: int, device: torch.device) -> dict:
-    """Leak-free retrieval metrics of ``head`` on a split, leaving the training state as
-    it was: train/eval mode, every random generator and torch's CPU thread count (the
+# (head, split, trials, seed, device) -> retrieval metrics, e.g. {"t2v": {"R1": ...}, ...}:
+# validation and the final test metrics. Handed in by the caller (the tmass CLI and
+# sweeps pass tmass.evaluate.split_metrics, the leak-free evaluator): train/ sits below
+# evaluate/ and never imports it.
+Evaluator = Callable[[RetrievalHead, SplitArrays, int, int, str], dict]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is one, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _evaluate(evaluate: Evaluator, head: RetrievalHead, arrays: SplitArrays, trials: int, seed: int,
+              device: torch.device) -> dict:
+    """``evaluate``'s metrics of ``head`` on a split, leaving the training state as it
+    was: train/eval mode, every random generator and torch's CPU thread count (the
     evaluator's numba kernels share torch's OpenMP runtime and set its thread count to
     theirs, which would silently undo ``OMP_NUM_THREADS`` or ``torch.set_num_threads``)."""
     was_training, threads = head.training, torch.get_num_threads()
@@ -274,7 +292,7 @@ def _evaluate(head: Head, arrays: SplitArrays, trials: int, seed: int, device: t
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             head.eval()
-            return evaluate_head(head, arrays, EvalConfig(trials=trials, seed=seed, device=str(device), progress=False))
+            return evaluate(head, arrays, trials, seed, str(device))
     finally:
         head.train(was_training)
         torch.set_num_threads(threads)
@@ -314,12 +332,14 @@ def train(
     features: Path,
     out: Path,
     cfg: TrainConfig,
-    head_cfg: HeadConfig,
+    head_cfg: Any,
     resume: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
+    evaluate: Evaluator | None = None,
 ) -> dict:
-    """Train ``head_cfg`` on ``features/train``; write the run directory ``out``.
+    """Train the head ``head_cfg`` describes (any registered head's config) on
+    ``features/train``; write the run directory ``out``.
 
     ``features`` holds ``train/`` and ``test/`` splits. The head's width, frame count and
     initial logit scale come from the features. ``best.pt`` is selected by text-to-video
@@ -327,7 +347,9 @@ def train(
     when ``select_on="test"`` (then every output says so), or is the last state when there
     is no validation. ``resume`` continues from ``out/last.pt`` (configs must match).
     ``stop_after`` ends the run after that many steps, writing ``last.pt`` (a planned
-    interruption). Returns the metrics written to ``metrics.json``.
+    interruption). ``evaluate`` computes validation and final test metrics (see
+    :data:`Evaluator`); it may be None only when there are none (``val_fraction=0`` and
+    ``final_eval=False``). Returns the metrics written to ``metrics.json``.
     """
     features, out = Path(features), Path(out)
     device = resolve_device(cfg.device)
@@ -343,6 +365,9 @@ def train(
     else:
         fit_arrays, val_arrays = split_validation(train_arrays, cfg.val_fraction)
         val_split = "val" if val_arrays is not None else None
+    if evaluate is None and (val_split is not None or cfg.final_eval):
+        raise ValueError("validation and final test metrics need an evaluator: pass evaluate= "
+                         "(tmass.evaluate.split_metrics), or set val_fraction=0 and final_eval=False")
     hashes = {"train": train_arrays.manifest_sha256, "test": test_arrays.manifest_sha256 if test_arrays else None}
     config = {
         "train": dataclasses.asdict(cfg),
@@ -375,7 +400,7 @@ def train(
         def validate() -> None:
             if val_split is None:
                 return
-            metrics = _evaluate(trainer.head, val_arrays, cfg.val_trials, cfg.seed, device)
+            metrics = _evaluate(evaluate, trainer.head, val_arrays, cfg.val_trials, cfg.seed, device)
             best = run["best"] is None or _r1(metrics) > run["best"]["R1"]
             log.record({"event": "val", "step": trainer.step_count, "epoch": trainer.step_count / trainer.steps_per_epoch,
                         "split": val_split, "selection": cfg.selection, "best": best, **metrics})
@@ -418,7 +443,7 @@ def train(
                    "train_seconds_this_session": round(time.perf_counter() - started, 2)}
         if cfg.final_eval:
             best_head, best_ckpt = load_checkpoint(out / "best.pt", device)
-            metrics["test"] = _evaluate(best_head, test_arrays, cfg.eval_trials, cfg.seed, device)
+            metrics["test"] = _evaluate(evaluate, best_head, test_arrays, cfg.eval_trials, cfg.seed, device)
             metrics["test"]["checkpoint"] = {"file": "best.pt", "step": best_ckpt["step"], "trials": cfg.eval_trials}
             log.say(f"test t2v R@1 {_r1(metrics['test']):.2f} (best.pt, step {best_ckpt['step']}, {cfg.eval_trials} trials)")
         write_json(out / "metrics.json", metrics)

@@ -98,6 +98,33 @@ def _moved(features, device):
     })
 
 
+# feature a head may declare (tmass.train.registry.FEATURES) -> the SplitArrays fields
+# (tmass.features.format) it reads, as (TextFeatures or VideoFeatures field, array) pairs
+_SPLIT_FIELDS = {
+    "frames": (("video", "frames", "frames"), ("video", "frame_mask", "frame_mask")),
+    "word_tokens": (("text", "tokens", "token_embedding"), ("text", "token_mask", "token_mask")),
+    "patch_tokens": (("video", "patches", "patch_embedding"),),
+}
+_EXTRACT_OPTION = {"word_tokens": "--text-tokens", "patch_tokens": "--patch-grid G"}
+
+
+def split_features(arrays, needs) -> tuple[TextFeatures, VideoFeatures]:
+    """A split's (``tmass.features.format.SplitArrays``) features as a head reads them,
+    as stored (float16 arrays become float16 tensors): the caption embeddings always,
+    and what ``needs`` (a head's declared features) names. A feature the split lacks is
+    a ValueError that says how to extract it."""
+    text = {"embedding": torch.from_numpy(arrays.text_embeddings)}
+    video = {"frames": torch.from_numpy(arrays.frames), "frame_mask": torch.from_numpy(arrays.frame_mask)}
+    for need in needs:
+        for side, name, field in _SPLIT_FIELDS[need]:
+            value = getattr(arrays, field, None)
+            if value is None:
+                raise ValueError(f"the head needs {need.replace('_', ' ')}, which these features lack "
+                                 f"({field}); extract them with `tmass extract {_EXTRACT_OPTION[need]}`")
+            (text if side == "text" else video)[name] = torch.from_numpy(value)
+    return TextFeatures(**text), VideoFeatures(**video)
+
+
 @dataclass(frozen=True)
 class Noise:
     """What a stochastic head samples: ``dim`` values per (text, video, trial) from

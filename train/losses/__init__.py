@@ -39,7 +39,10 @@ import torch.nn.functional as F
 
 from tmass.train.data import Batch
 from tmass.train.folded import folded_xpool
-from tmass.train.heads import Head, XPoolFusion, paired_frame_similarity, stochastic_text, support_text
+from tmass.train.heads import (
+    RetrievalHead, TextFeatures, VideoFeatures, paired_frame_similarity, stochastic_text, support_text,
+)
+from tmass.train.registry import head_spec
 
 # name -> "module:class"; imported on first use
 LOSSES = {
@@ -51,7 +54,6 @@ DEFAULT_LOSS = "infonce"
 
 LOSS_TERMS = ("ce", "s", "sup")
 STOCHASTIC_TERMS = ("s", "sup")  # need the T-MASS radius
-DEFAULT_TERMS = {"meanp": ("ce",), "xpool": ("ce",), "tmass": ("s", "sup")}
 SUPPORT_VIDEOS = ("paired", "batch-mean")
 POOLING_PATHS = ("folded", "module")
 
@@ -111,16 +113,17 @@ def build_loss(name: str, options: dict | None = None) -> Loss:
 
 def parse_loss_terms(terms: str | Iterable[str] | None, head: str) -> tuple[str, ...]:
     """A comma list (or sequence) of loss terms, checked against the head; ``None`` or
-    ``""`` gives the head's default (``ce`` for meanp/xpool, ``s,sup`` for tmass).
+    ``""`` gives the head's default from the registry (``ce``; ``s,sup`` for tmass).
     Returned in canonical order, without repeats."""
+    spec = head_spec(head)
     if terms is None or terms == "" or terms == ():
-        return DEFAULT_TERMS[head]
+        return spec.loss_terms
     names = [t.strip() for t in terms.split(",")] if isinstance(terms, str) else [str(t).strip() for t in terms]
     unknown = [t for t in names if t not in LOSS_TERMS]
     if unknown or not names:
         raise ValueError(f"unknown loss terms {unknown or names}; choose from {', '.join(LOSS_TERMS)}")
     stochastic = [t for t in names if t in STOCHASTIC_TERMS]
-    if stochastic and head != "tmass":
+    if stochastic and not spec.stochastic:
         raise ValueError(
             f"loss terms {', '.join(stochastic)} need the T-MASS radius (stochastic text), "
             f"but head {head!r} has none; use --head tmass or --loss-terms ce"
@@ -137,7 +140,7 @@ def support_videos(pooled: torch.Tensor, support_video: str = "paired") -> torch
 
 
 def batch_losses(
-    head: Head,
+    head: RetrievalHead,
     batch: Batch,
     loss: Loss,
     terms: tuple[str, ...],
@@ -178,8 +181,13 @@ def batch_losses(
         raise ValueError(f"loss terms {terms} need a T-MASS head (head {head.cfg.head!r} has no radius)")
     if pooling_path not in POOLING_PATHS:
         raise ValueError(f"unknown pooling path {pooling_path!r}; choose from {POOLING_PATHS}")
+    if not hasattr(head, "pool"):  # any other head: the loss on its own scores (the generic contract)
+        if terms != ("ce",):
+            raise ValueError(f"head {head.cfg.head!r} scores pairs itself; it trains on loss term ce only, not {terms}")
+        cos = head.score(TextFeatures(batch.text), VideoFeatures(batch.frames, batch.frame_mask))[None]  # [1, B, B]
+        return _weighted(batch, loss, ("ce",), cos, cos * head.logit_scale(), support_weight)
     text, frames, frame_mask = batch.text, batch.frames, batch.frame_mask
-    if pooling_path == "folded" and isinstance(head.pooling, XPoolFusion):
+    if pooling_path == "folded" and "folded-xpool" in head_spec(head.cfg.head).fast_paths:
         pooled = folded_xpool(head.pooling, text, frames, frame_mask)  # [B(text), B(video), dim]
     else:
         pooled = head.pool(text, frames, frame_mask)
@@ -200,8 +208,14 @@ def batch_losses(
     dots = torch.einsum("ktd,tvd->ktv", stacked, pooled)  # [K, B, B]
     # logits as one product (dots * (1/|p| * scale)): the exact float operations of the
     # InfoNCE-only trainer before the registry, so its runs are reproduced bit for bit
-    logits = dots * (inv_norm * head.logit_scale())
-    cos = dots * inv_norm
+    return _weighted(batch, loss, tuple(variants), dots * inv_norm, dots * (inv_norm * head.logit_scale()),
+                     support_weight)
+
+
+def _weighted(batch: Batch, loss: Loss, variants: tuple[str, ...], cos: torch.Tensor, logits: torch.Tensor,
+              support_weight: float) -> dict[str, torch.Tensor]:
+    """``loss`` on each text variant's cosines and logits ``[K, B, B]`` (text-major), and
+    ``total = ce + s + support_weight * sup`` over the variants."""
     weights = {"ce": 1.0, "s": 1.0, "sup": support_weight}
     losses = {}
     for k, name in enumerate(variants):
