@@ -59,7 +59,8 @@ def _table(report: dict) -> str:
               help="naive: the reference implementation (slow; for checks).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--save-sims", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the [n_text, n_video] score matrix (.npy; rows and columns in shard order).")
+              help="Write the [n_text, n_video] score matrix with its ids: FILE.npz holds sims, text_ids and "
+                   "video_ids; FILE.npy holds sims, with FILE.ids.json beside it (rows and columns in shard order).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write metrics, labels, config and hashes as JSON.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
@@ -73,7 +74,7 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
     from tmass import __version__
     from tmass.evaluate.scores import EvalConfig, metrics_report, resolve_device, score_split
     from tmass.features.format import FeatureFormatError, load_split, sha256_file
-    from tmass.train.trainer import load_checkpoint
+    from tmass.train.trainer import features_identity, identity_mismatch, load_checkpoint
 
     split_dir = _split_dir(features, split)
     try:
@@ -83,6 +84,11 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
     config = EvalConfig(trials=trials, seed=seed, protocol=protocol, noise=noise, path=path_,
                         chunk_pairs=chunk_pairs, device=device)
     head, info = load_checkpoint(checkpoint, resolve_device(device))
+    recorded = info.get("features_identity")  # checkpoints from before it was recorded: dim and frames only
+    mismatch = identity_mismatch(features_identity(split_dir), recorded) if recorded else ""
+    if mismatch:
+        raise click.ClickException(f"{checkpoint} was trained on other features than {split_dir} (these vs the run's: "
+                                   f"{mismatch}); evaluate it on features extracted like its training split")
     if head.cfg.embed_dim != arrays.meta.embed_dim:
         raise click.ClickException(
             f"{checkpoint}: head has dim {head.cfg.embed_dim}, features {split_dir} have dim {arrays.meta.embed_dim}")
@@ -117,7 +123,12 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
     click.echo(_table(report))
     if save_sims:
         save_sims.parent.mkdir(parents=True, exist_ok=True)
-        np.save(save_sims, scores)
+        ids = {"text_ids": arrays.text_ids, "video_ids": arrays.video_ids}
+        if save_sims.suffix == ".npz":
+            np.savez(save_sims, sims=scores, **{k: np.array(v, dtype=str) for k, v in ids.items()})
+        else:
+            np.save(save_sims, scores)
+            save_sims.with_suffix(".ids.json").write_text(json.dumps({"rows": "text_ids", "columns": "video_ids", **ids}) + "\n")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -215,3 +215,20 @@ def test_without_a_data_root_the_page_says_why_there_are_no_frames(demo_index, t
     run("search", "circle", "--index", moved, "--top", 2, "--html", tmp_path / "page.html")
     page = (tmp_path / "page.html").read_text()
     assert "frames not shown" in page and "<img" not in page
+
+
+def test_eval_saves_sims_with_ids_and_search_gives_the_same_scores(head_index, tiny_features, tmass_run, tmp_path):
+    run("eval", "--features", tiny_features, "--checkpoint", tmass_run, "--trials", 5, "--save-sims", tmp_path / "sims.npz")
+    run("eval", "--features", tiny_features, "--checkpoint", tmass_run, "--trials", 5, "--save-sims", tmp_path / "sims.npy")
+    saved = np.load(tmp_path / "sims.npz")
+    ids = json.loads((tmp_path / "sims.ids.json").read_text())
+    arrays = load_split(tiny_features / "test")
+    assert list(saved["text_ids"]) == ids["text_ids"] == arrays.text_ids
+    assert list(saved["video_ids"]) == ids["video_ids"] == arrays.video_ids
+    np.testing.assert_array_equal(np.load(tmp_path / "sims.npy"), saved["sims"])
+    text_id = arrays.text_ids[9]
+    data = _search_json(tmp_path, "--index", head_index, "--query-features", tiny_features / "test", "--query-id", text_id,
+                        "--trials", 5, "--top", 5, "--candidates", 16)
+    row = ids["text_ids"].index(text_id)
+    for hit in data["results"][0]["hits"]:
+        assert hit["score"] == pytest.approx(float(saved["sims"][row, ids["video_ids"].index(hit["video_id"])]), abs=1e-6)

@@ -8,8 +8,10 @@ An index directory (``tmass index``) holds::
                         checkpoint and its sha256, the first stage, the data root
     video_ids.json      [n_video], row order of everything below
     first-stage.faiss   pooled video embeddings [n_video, dim], unit rows, in faiss
-    frames.npy          [n_video, n_frames, dim] float16, with frame_mask.npy
-                        [n_video, n_frames]: only with a head, which re-ranks on frames
+    frames.npy          [n_video, n_frames, dim] float32 (the stored float16 values,
+                        upcast once: converting a shortlist per query cost more than
+                        the rest of the search), with frame_mask.npy [n_video, n_frames]:
+                        only with a head, which re-ranks on frames
     head.pt             a copy of the checkpoint (so the index outlives the run)
     model/<name>.json   the open_clip model config, when open_clip does not ship it
 
@@ -313,7 +315,7 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
     faiss.write_index(first, str(out / FAISS_FILE))
     (out / IDS_FILE).write_text(json.dumps(arrays.video_ids))
     if head is not None:
-        np.save(out / FRAMES_FILE, arrays.frames)
+        np.save(out / FRAMES_FILE, arrays.frames.astype(np.float32))
         np.save(out / MASK_FILE, arrays.frame_mask)
         shutil.copyfile(checkpoint, out / HEAD_FILE)
     if model_cfg is not None:
@@ -477,7 +479,8 @@ class SearchIndex:
         frames = np.asarray(self.frames[rows], np.float32)  # [n_rows, n_frames, dim]
         mask = np.asarray(self.frame_mask[rows])
         if len(rows) > k:
-            sims = frames @ query / np.maximum(np.linalg.norm(frames, axis=-1), 1e-12)  # [n_rows, n_frames]
+            norms = np.sqrt(np.einsum("vfd,vfd->vf", frames, frames))
+            sims = frames @ query / np.maximum(norms, 1e-12)  # [n_rows, n_frames]
             best = np.where(mask, sims, -np.inf).max(axis=1)
             keep = np.sort(np.argsort(-best, kind="stable")[:k])
             rows, frames, mask = rows[keep], frames[keep], mask[keep]
