@@ -2,93 +2,92 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
-from tmass.train.registry import head_names
+from tmass.train.config import DerivedOptionsCommand, given_options
 
+DEFAULT_HEAD = "tmass"
 # ctx.meta key of the evaluator that validates and tests a run (trainer.Evaluator); the
 # ``tmass`` group above hands in the leak-free one, since train/ never imports evaluate/
 EVALUATOR_KEY = "tmass.evaluator"
 
-# option name -> (config, field): which config each command-line option sets
-_FIELDS = {
-    "head": ("head", "head"), "radius": ("head", "radius"), "prior": ("head", "prior"),
-    "prior_std": ("head", "prior_std"), "dropout": ("head", "dropout"), "num_heads": ("head", "num_heads"),
-    "loss_terms": ("train", "loss_terms"), "support_weight": ("train", "support_weight"),
-    "support_video": ("train", "support_video"), "pooling_path": ("train", "pooling_path"),
-    "epochs": ("train", "epochs"),
-    "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "weight_decay": ("train", "weight_decay"),
-    "warmup_fraction": ("train", "warmup_fraction"), "grad_clip": ("train", "grad_clip"), "seed": ("train", "seed"),
-    "val_fraction": ("train", "val_fraction"), "val_trials": ("train", "val_trials"),
-    "val_every": ("train", "val_every"), "select_on": ("train", "select_on"),
-    "eval_trials": ("train", "eval_trials"), "final_eval": ("train", "final_eval"),
-    "checkpoint_every": ("train", "checkpoint_every"), "device": ("train", "device"),
-}
+
+def _head_configs() -> dict[str, type]:
+    """Each registered head's config class."""
+    from tmass.train.registry import head_names, head_spec
+
+    return {name: head_spec(name).config for name in head_names()}
 
 
-@click.command()
+def _config_fields() -> dict[str, tuple[str, list[tuple[str, type]]]]:
+    """Option field name -> (section, [(owner, config class), ...]): every setting of
+    TrainConfig, of each registered head's config and each registered loss's config.
+    Sections are "train", "head" and "loss" (the loss's fields go to
+    ``TrainConfig.loss_options``). A loss field named like a train or head setting is
+    offered as ``--loss-NAME``."""
+    from tmass.train.config import cli_fields
+    from tmass.train.losses import loss_class, loss_names
+    from tmass.train.registry import CONFIG_FIELDS
+    from tmass.train.trainer import TrainConfig
+
+    fields = {name: ("train", [("", TrainConfig)]) for name in cli_fields(TrainConfig)}
+    for section, configs in (("head", _head_configs()), ("loss", {n: loss_class(n).Config for n in loss_names()})):
+        for owner, cls in configs.items():
+            for name in cli_fields(cls):
+                if section == "head" and name in CONFIG_FIELDS:  # set from the features
+                    continue
+                option = name if fields.get(name, (section,))[0] == section else f"{section}_{name}"
+                fields.setdefault(option, (section, []))[1].append((owner, cls))
+    return fields
+
+
+def _derived_options() -> list[click.Option]:
+    from tmass.train.config import options_for
+
+    head = click.Option(["--head"], type=click.Choice(list(_head_configs())), default=DEFAULT_HEAD,
+                        show_default=True, help="Registered head to train.")
+    return [head] + options_for({name: owners for name, (_, owners) in _config_fields().items()})
+
+
+def _field(option: str, owners: list[tuple[str, type]]) -> str:
+    """The config field an option sets (``loss_margin`` may set a loss's ``margin``)."""
+    names = {f.name for f in dataclasses.fields(owners[0][1])}
+    return option if option in names else option.split("_", 1)[1]
+
+
+@click.command(cls=DerivedOptionsCommand, derive=_derived_options)
 @click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Features directory with train/ and test/ splits (taken from the run with --resume).")
+              help="Features directory with train/ and test/ splits (or the config file's 'features').")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory to write.")
-@click.option("--head", type=click.Choice(head_names()), default="tmass", show_default=True, help="Registered head to train.")
-@click.option("--radius", type=click.Choice(["sim", "scalar", "linear"]), default="linear", show_default=True,
-              help="T-MASS radius (Table 5): R = S, R = theta*S, or R = W S + b.")
-@click.option("--prior", type=click.Choice(["uniform", "normal"]), default="uniform", show_default=True,
-              help="Distribution of eps in t_s = t + eps * exp(R): U(0, 1) or N(0, prior_std^2).")
-@click.option("--prior-std", type=float, default=1.0, show_default=True,
-              help="Std of the normal prior (the reference uses 3e-3 on LSMDC).")
-@click.option("--support-weight", type=float, default=0.8, show_default=True, help="alpha of Eq. 9, on the sup term.")
-@click.option("--support-video", type=click.Choice(["paired", "batch-mean"]), default="paired", show_default=True,
-              help="Video of the support text: the video pooled on its own caption, or (the reference) "
-                   "averaged over the batch's captions.")
-@click.option("--pooling-path", type=click.Choice(["folded", "module"]), default="folded", show_default=True,
-              help="X-Pool pooling at train time: frame-wise folded (fast, same function) or the head's module.")
-@click.option("--loss-terms", default="", show_default="ce for meanp/xpool, s,sup for tmass",
-              help="Comma list from ce (t), s (stochastic t_s), sup (support text): Table 6's rows.")
-@click.option("--epochs", type=int, default=5, show_default=True, help="0 writes the initial model (baselines, audits).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-5, show_default=True, help="Peak learning rate (reference: 3e-5 on MSR-VTT).")
-@click.option("--weight-decay", type=float, default=0.2, show_default=True)
-@click.option("--warmup-fraction", type=float, default=0.1, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Max gradient norm; 0 disables.")
-@click.option("--dropout", type=float, default=0.3, show_default=True, help="On X-Pool's residual branch.")
-@click.option("--num-heads", type=int, default=1, show_default=True, help="X-Pool attention heads.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--val-fraction", type=float, default=0.05, show_default=True,
-              help="Train-split videos held out (with their captions) to select best.pt; 0: best = last.")
-@click.option("--val-trials", type=int, default=0, show_default=True,
-              help="T-MASS sampling trials when validating (0: deterministic t, fast).")
-@click.option("--val-every", type=int, default=0, show_default=True, help="Steps between validations; 0: each epoch end.")
-@click.option("--select-on", type=click.Choice(["val", "test"]), default="val", show_default=True,
-              help="Select best.pt on the test split instead: optimistic, and labelled so everywhere.")
-@click.option("--eval-trials", type=int, default=20, show_default=True, help="T-MASS trials for the final test metrics.")
-@click.option("--final-eval/--no-final-eval", default=True, show_default=True, help="Evaluate best.pt on test at the end.")
-@click.option("--checkpoint-every", type=int, default=1000, show_default=True, help="Steps between writes of last.pt.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A whole configuration: a TOML file ([train], [train.loss_options], [head], features) or a "
+                   "run's config.json, which re-runs that run exactly. Options given here override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--stop-after", type=int, default=None, hidden=True, help="Stop after this many steps (planned interruption).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar per epoch.")
 @click.pass_context
-def train(ctx, features, out, resume, stop_after, progress, **options):
-    """Train a head on cached CLIP features; write config, logs, checkpoints and metrics to --out."""
-    from tmass.train.registry import head_spec
-    from tmass.train.trainer import TrainConfig, train as run_training
+def train(ctx, features, out, config_file, resume, stop_after, progress, **options):
+    """Train a head on cached CLIP features; write config, logs, checkpoints and metrics to --out.
 
-    values = {"train": {}, "head": {}}
-    for name, (which, field) in _FIELDS.items():
-        values[which][field] = options[name]
-    values["train"]["loss_terms"] = tuple(t for t in options["loss_terms"].split(",") if t.strip())
+    Every setting has one default, in its config dataclass; a config file (--config)
+    replaces the defaults it names, and options given on the command line replace both.
+    Head and loss settings apply to the heads and losses named in brackets."""
+    from tmass.train.trainer import train as run_training
+
+    given = given_options(ctx, options)
     if resume:
-        features, values = _resumed_values(ctx, out, features, values)
-    elif features is None:
-        raise click.UsageError("--features is required (unless --resume)")
+        if config_file is not None:
+            raise click.UsageError("--resume continues the run with its own configuration; drop --config")
+        config_file = out / "config.json"
+        if not config_file.exists():
+            raise click.ClickException(f"{config_file}: no run to resume")
+    elif features is None and config_file is None:
+        raise click.UsageError("--features is required (unless --config names them, or --resume)")
     try:
-        cfg = TrainConfig(**values["train"])
-        head_cfg = head_spec(values["head"]["head"]).make_config(**values["head"])
+        features, cfg, head_cfg = _configs(features, config_file, given, resume)
         metrics = run_training(features, out, cfg, head_cfg, resume=resume, stop_after=stop_after, progress=progress,
                                evaluate=ctx.meta.get(EVALUATOR_KEY))
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
@@ -100,29 +99,78 @@ def train(ctx, features, out, resume, stop_after, progress, **options):
     click.echo(f"run written to {out}")
 
 
-def _resumed_values(ctx, out: Path, features: Path | None, values: dict) -> tuple[Path, dict]:
-    """The run's saved settings; an option given on the command line must agree with them
-    (``--device`` excepted: a run may move between machines)."""
-    config_path = out / "config.json"
-    if not config_path.exists():
-        raise click.ClickException(f"{config_path}: no run to resume")
-    saved = json.loads(config_path.read_text())
-    saved_features = Path(saved["features"])
-    if features is not None and features.resolve() != saved_features:
-        raise click.ClickException(f"--features {features} differs from the run's {saved_features}")
-    merged = {"train": dict(saved["train"]), "head": dict(saved["head"])}
+def _configs(features: Path | None, config_file: Path | None, given: dict, resume: bool):
+    """(features, TrainConfig, head config) from the defaults, the config file's values
+    and the options ``given`` on the command line, in that order of precedence. With
+    ``resume`` the file is the run's config.json and a given option must agree with it
+    (``--device`` excepted: a run may move between machines). ValueError names the file
+    and key, or the option, that is wrong."""
+    from tmass.train.config import build_config, check_value, option_name, read_config_file
+    from tmass.train.losses import parse_loss_terms
+    from tmass.train.trainer import TrainConfig
+
+    sections = read_config_file(config_file) if config_file else {"features": None, "train": {}, "head": {}}
+    if features is None:
+        if not sections["features"]:
+            raise ValueError(f"{config_file}: no features; give --features or set features in the file")
+        features = (config_file.parent / sections["features"]).resolve()  # relative to the file
+        if not features.is_dir():
+            raise ValueError(f"{config_file}: features {sections['features']!r}: no such directory")
+    source = f"{config_file}: " if config_file else ""
+    head = given.get("head") or sections["head"].get("head") or DEFAULT_HEAD
+    head_configs = _head_configs()
+    if head not in head_configs:
+        raise ValueError(f"{source}head.head: unknown head {head!r}; choose from {', '.join(head_configs)}")
+    file_train = dict(sections["train"])
+    file_loss = file_train.pop("loss_options", {})
+    if not isinstance(file_loss, dict):
+        raise ValueError(f"{source}train.loss_options must be a table of the loss's settings")
+    file_head = {k: v for k, v in sections["head"].items() if k != "head"}
+    values = {"train": file_train, "head": file_head, "loss": dict(file_loss)}
+    if config_file:  # the file alone must be right, so that its mistakes are named as its own
+        train_cfg = build_config(TrainConfig, file_train, f"{source}train")
+        build_config(head_configs[head], file_head, f"{source}head")
+        _build_loss(train_cfg.loss, file_loss, f"{source}train.loss_options")
+        try:
+            parse_loss_terms(train_cfg.loss_terms, sections["head"].get("head") or DEFAULT_HEAD)
+        except ValueError as exc:
+            raise ValueError(f"{source}train.loss_terms: {exc}") from None
+
     conflicts = []
-    for name, (which, field) in _FIELDS.items():
-        if ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+    fields = _config_fields()
+    loss = given.get("loss") or file_train.get("loss") or TrainConfig().loss
+    for option, value in given.items():
+        if option == "head":
+            if resume and value != sections["head"].get("head"):
+                conflicts.append(f"--head {value} (run: {sections['head'].get('head')})")
             continue
-        given, was = values[which][field], merged[which].get(field)
-        if name == "device":
-            merged[which][field] = given
-        elif name == "loss_terms":
-            if given and set(given) != set(was):
-                conflicts.append(f"--loss-terms {','.join(given)} (run: {','.join(was)})")
-        elif given != was:
-            conflicts.append(f"--{name.replace('_', '-')} {given} (run: {was})")
+        section, owners = fields[option]
+        field, chosen = _field(option, owners), {"head": head, "loss": loss}.get(section)
+        if chosen is not None and chosen not in dict(owners):
+            raise ValueError(f"{option_name(option)} is a setting of {section} {', '.join(dict(owners))}, "
+                             f"not of --{section} {chosen}")
+        value = check_value(owners[0][1], field, value)  # a comma list becomes a tuple
+        if resume and option != "device" and _differs(value, values[section].get(field)):
+            shown = ",".join(value) if isinstance(value, tuple) else value
+            conflicts.append(f"{option_name(option)} {shown} (run: {values[section].get(field)})")
+        values[section][field] = value
     if conflicts:
-        raise click.ClickException("--resume continues the run as configured; these options differ: " + "; ".join(conflicts))
-    return saved_features, merged
+        raise ValueError("--resume continues the run as configured; these options differ: " + "; ".join(conflicts))
+    train_cfg = build_config(TrainConfig, values["train"], "train")
+    loss_cfg = _build_loss(train_cfg.loss, values["loss"], "loss")
+    train_cfg = dataclasses.replace(train_cfg, loss_options=dataclasses.asdict(loss_cfg))
+    return features, train_cfg, build_config(head_configs[head], {**values["head"], "head": head}, "head")
+
+
+def _build_loss(name: str, values: dict, where: str):
+    from tmass.train.config import build_config
+    from tmass.train.losses import loss_class
+
+    return build_config(loss_class(name).Config, values, where)
+
+
+def _differs(given, saved) -> bool:
+    """An option's value against a run's: loss terms as sets, an empty list meaning the default."""
+    if isinstance(given, tuple):
+        return bool(given) and set(given) != set(saved or ())
+    return given != saved

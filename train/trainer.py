@@ -36,9 +36,12 @@ from tqdm import tqdm
 
 from tmass import __version__
 from tmass.features.format import SplitArrays, load_split
+from tmass.train.config import check_choices, setting
 from tmass.train.data import PairData, epoch_order, split_validation
 from tmass.train.heads import RetrievalHead
-from tmass.train.losses import DEFAULT_LOSS, POOLING_PATHS, SUPPORT_VIDEOS, batch_losses, build_loss, parse_loss_terms
+from tmass.train.losses import (
+    DEFAULT_LOSS, LOSS_TERMS, POOLING_PATHS, SUPPORT_VIDEOS, batch_losses, build_loss, loss_names, parse_loss_terms,
+)
 from tmass.train.registry import build_head, config_from_dict
 
 CHECKPOINT_VERSION = 1
@@ -79,36 +82,40 @@ class TrainConfig:
     """How to train. Defaults are the paper's settings (ViT-B/32, all datasets but the
     learning rate of MSR-VTT, which is 3e-5 in the reference)."""
 
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-5
-    weight_decay: float = 0.2  # AdamW, on every parameter but the logit scale (see NO_DECAY)
-    warmup_fraction: float = 0.1
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    seed: int = 0
-    loss: str = DEFAULT_LOSS  # a name in the loss registry (tmass.train.losses)
-    loss_options: dict = dataclasses.field(default_factory=dict)  # the loss's config fields; resolved to all of them
-    loss_terms: tuple[str, ...] = ()  # () = the head's default: ce (meanp, xpool), s+sup (tmass)
-    support_weight: float = 0.8  # alpha of Eq. 9, the paper's final MSR-VTT value
-    support_video: str = "paired"  # paired | batch-mean (the reference); see losses.batch_losses
-    pooling_path: str = "folded"  # folded | module: X-Pool's pooling computed frame-wise (train/folded.py)
-    val_fraction: float = 0.05  # of the train split's videos, held out for selection; 0 disables
-    val_trials: int = 0  # T-MASS sampling trials when validating (0: the deterministic t, fast)
-    val_every: int = 0  # steps between validations; 0: at the end of each epoch
-    select_on: str = "val"  # val | test ("test-split (optimistic)": must be asked for)
-    eval_trials: int = 20  # T-MASS trials for the final test metrics (the paper's M)
-    final_eval: bool = True  # evaluate best.pt on the test split at the end
-    checkpoint_every: int = 1000  # steps between writes of last.pt (also at each epoch end)
-    device: str = "auto"  # auto | cpu | cuda[:N]; not part of a run's identity
+    epochs: int = setting(5, help="Passes over the training pairs; 0 writes the initial model (baselines, audits).")
+    batch_size: int = setting(32, help="Caption-video pairs per optimiser step.")
+    lr: float = setting(1e-5, help="Peak learning rate (the reference uses 3e-5 on MSR-VTT).")
+    weight_decay: float = setting(0.2, help="AdamW weight decay, on every parameter but the logit scale.")
+    warmup_fraction: float = setting(0.1, help="Fraction of the steps with a linear warm-up before the cosine decay.")
+    grad_clip: float = setting(1.0, help="Max gradient norm; 0 disables clipping.")
+    seed: int = setting(0, help="Seeds the pair order, dropout and the stochastic text.")
+    loss: str = setting(DEFAULT_LOSS, choices=loss_names, help="Loss applied to each loss term (the loss registry).")
+    loss_options: dict = setting({}, cli=False, help="The loss's config fields; resolved to all of them.")
+    loss_terms: tuple[str, ...] = setting(
+        (), choices=LOSS_TERMS, help="Table 6's text variants the loss is applied to: ce (t), s (stochastic t_s), "
+                                     "sup (support text); empty: the head's default (ce; s,sup for tmass).")
+    support_weight: float = setting(0.8, help="alpha of Eq. 9, the weight of the sup term.")
+    support_video: str = setting(
+        "paired", choices=SUPPORT_VIDEOS, help="Video of the support text: the video pooled on its own caption, "
+                                               "or (the reference) averaged over the batch's captions.")
+    pooling_path: str = setting(
+        "folded", choices=POOLING_PATHS,
+        help="X-Pool pooling at train time: frame-wise folded (fast, the same function) or the head's module.")
+    val_fraction: float = setting(
+        0.05, help="Train-split videos held out (with their captions) to select best.pt; 0: best = last.")
+    val_trials: int = setting(0, help="T-MASS sampling trials when validating (0: the deterministic t, fast).")
+    val_every: int = setting(0, help="Steps between validations; 0: at the end of each epoch.")
+    select_on: str = setting(
+        "val", choices=("val", "test"),
+        help="Select best.pt on the test split instead: optimistic, and labelled so everywhere.")
+    eval_trials: int = setting(20, help="T-MASS trials for the final test metrics (the paper's M).")
+    final_eval: bool = setting(True, help="Evaluate best.pt on the test split at the end.")
+    checkpoint_every: int = setting(1000, help="Steps between writes of last.pt (also at each epoch end).")
+    device: str = setting("auto", help="auto | cpu | cuda[:N]; not part of a run's identity.")
 
     def __post_init__(self):
         self.loss_terms = tuple(self.loss_terms)
-        if self.select_on not in ("val", "test"):
-            raise ValueError(f"select_on must be 'val' or 'test', got {self.select_on!r}")
-        if self.pooling_path not in POOLING_PATHS:
-            raise ValueError(f"pooling_path must be one of {POOLING_PATHS}, got {self.pooling_path!r}")
-        if self.support_video not in SUPPORT_VIDEOS:
-            raise ValueError(f"support_video must be one of {SUPPORT_VIDEOS}, got {self.support_video!r}")
+        check_choices(self)
         for name in ("epochs", "val_trials", "val_every", "eval_trials"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
