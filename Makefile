@@ -4,7 +4,7 @@ PYTHON    ?= python3
 PIP       ?= $(PYTHON) -m pip
 STAMP     := .make/installed
 
-.PHONY: help install test demo demo-encoder clean clean-demo extract train eval ablate bench bench-train bench-extract bench-eval
+.PHONY: help install test demo demo-encoder clean clean-demo extract train eval ablate bench bench-train bench-extract bench-eval bench-search
 .DEFAULT_GOAL := demo
 
 # Every target carries a `## ` description on its rule line; `make help` prints them.
@@ -96,6 +96,13 @@ BENCH_EVAL_ARGS ?=
 bench-eval: $(STAMP) ## time and peak memory of T-MASS inference, fast path beside naive
 	$(PYTHON) -m tmass.evaluate.bench $(BENCH_EVAL_ARGS)
 
+# tmass search: two-stage R@10 against exhaustive T-MASS scoring (K = 50, 200, 1000) on
+# simulated MSR-VTT, VATEX and a 100k gallery, and latency per query at 10k, 100k and 1M
+# videos (the 1M case holds ~5 GiB). BENCH_SEARCH_ARGS="--sizes 10000 --scaled ''": quick.
+BENCH_SEARCH_ARGS ?=
+bench-search: $(STAMP) ## two-stage search recall against exhaustive scoring, and latency per query
+	$(PYTHON) -m tmass.search_bench $(BENCH_SEARCH_ARGS)
+
 # make extract && make train && make eval chain with these defaults: train reads what
 # extract wrote for DATASET, eval takes the latest run (or RUN=...).
 # The demo's `auto` features are named after the encoder auto chose: the first found
@@ -148,7 +155,7 @@ bench: $(STAMP) ## every benchmark in one report, BENCH_REPORT, headed by the ma
 	@{ echo "tmass $$($(PYTHON) -c 'import tmass; print(tmass.__version__)') benchmarks, $$(date -u '+%F %H:%M UTC')"; \
 	  echo "machine: $$(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1), $$(nproc) cores, $$(free -g | awk '/^Mem/{print $$2}') GiB," \
 	       "GPU: $$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep . || echo none)"; \
-	  for target in bench-eval bench-train bench-extract; do \
+	  for target in bench-eval bench-train bench-extract bench-search; do \
 	    echo; echo "== make $$target"; $(MAKE) --no-print-directory -s $$target || exit 1; \
 	  done; } > $(BENCH_REPORT).tmp
 	@mv $(BENCH_REPORT).tmp $(BENCH_REPORT) && cat $(BENCH_REPORT) && echo "report written to $(BENCH_REPORT)"
