@@ -378,3 +378,88 @@ def test_cli_select_on_test_is_labelled_everywhere(tiny_features, tmp_path):
     for name in ("best.pt", "last.pt"):
         assert load_checkpoint(out / name)[1]["selection"] == label
     assert label in result.output
+
+
+# ----------------------------------------------------------------------------- runs and the features they use
+
+
+@pytest.fixture
+def mixed_features(tiny_features, tmp_path):
+    """tiny's train split with the test split of another simulated world (seed 1): same
+    width and frame count, other features."""
+    import shutil
+
+    from tmass.features.simulate import simulate
+
+    other = tmp_path / "other"
+    simulate("tiny", other, seed=1, progress=False)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_features / "train", mixed / "train")
+    shutil.copytree(other / "test", mixed / "test")
+    return mixed
+
+
+def test_train_refuses_splits_that_do_not_belong_together_before_the_first_step(mixed_features, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--features", str(mixed_features), "--out", str(out), "--head", "xpool",
+                                       "--epochs", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = result.output.strip()
+    assert "\n" not in message and "does not belong" in message and "seed 1 vs 0" in message, message
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+
+
+def test_eval_refuses_a_checkpoint_trained_on_other_features(tiny_features, mixed_features, tmp_path):
+    run = tmp_path / "run"
+    trained = CliRunner().invoke(main, ["train", "--features", str(tiny_features), "--out", str(run), "--head", "xpool",
+                                        "--epochs", "0", "--no-final-eval"])
+    assert trained.exit_code == 0, trained.output
+    assert torch.load(run / "best.pt", weights_only=False)["features_identity"]["seed"] == 0
+    result = CliRunner().invoke(main, ["eval", "--features", str(mixed_features), "--checkpoint", str(run / "best.pt"),
+                                       "--trials", "0"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = result.output.strip()
+    assert "\n" not in message and "trained on other features" in message and "seed 1 vs 0" in message, message
+
+
+def test_resume_names_every_difference_on_one_line(tiny_features, tmp_path):
+    cfg = TrainConfig(epochs=2, **FAST)
+    train(tiny_features, tmp_path / "run", cfg, HeadConfig(head="xpool"), progress=False, stop_after=3)
+    changed = dataclasses.replace(cfg, lr=1e-4, seed=5)
+    with pytest.raises(ValueError) as error:
+        train(tiny_features, tmp_path / "run", changed, HeadConfig(head="xpool"), progress=False, resume=True)
+    message = str(error.value)
+    assert "\n" not in message and "lr: checkpoint 0.001, now 0.0001" in message and "seed: checkpoint 0, now 5" in message
+
+
+def test_two_resumes_of_one_run_cannot_both_go_ahead_and_a_killed_one_blocks_nothing(tiny_features, tmp_path):
+    """The second process is refused at once with one line and writes nothing; the lock
+    dies with its holder, kill -9 included."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tmass.train.runs import lock_run
+
+    out = tmp_path / "run"
+    train(tiny_features, out, TrainConfig(epochs=500, **FAST), HeadConfig(head="xpool"), progress=False, stop_after=1)
+    holder = subprocess.Popen([sys.executable, "-c", "from tmass.cli import main; main()", "train", "--resume",
+                               "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while "resumed at step 1" not in (out / "train.log").read_text():  # written once it holds the run
+            assert holder.poll() is None and time.monotonic() < deadline, "the first resume did not start"
+            time.sleep(0.2)
+        log = (out / "log.jsonl").read_text()
+        second = CliRunner().invoke(main, ["train", "--resume", "--out", str(out)])
+        assert second.exit_code == 1 and "Traceback" not in second.output
+        message = second.output.strip()
+        assert "\n" not in message and "another process is working in this run" in message, message
+        assert holder.poll() is None  # the first one goes on
+        assert (out / "log.jsonl").read_text().startswith(log)  # and is the only writer
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock_run(out).close()  # free at once after kill -9
+

@@ -7,10 +7,13 @@ command that needs a training run (``make eval``) takes the latest directory of 
 
 ``python -m tmass.train.runs RUNS`` prints the latest training run under ``RUNS``
 (exit status 2, with a one-line reason, when there is none).
+
+One process at a time works in a training run: :func:`lock_run` holds ``.lock`` in it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sys
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 from tmass import __version__
 
 MARKER = "run.json"
+LOCK = ".lock"
 KINDS = ("train", "report", "sweep")
 
 
@@ -72,6 +76,27 @@ def latest_run(root: Path, kind: str = "train") -> Path | None:
         return 0.0
 
     return max(runs, key=written)
+
+
+class RunBusyError(FileExistsError):
+    """Another process holds the run directory."""
+
+
+def lock_run(directory: Path):
+    """Hold ``directory/.lock`` with an exclusive flock while the returned file stays open.
+    A second process on the same run is refused at once (:class:`RunBusyError`, one
+    line). The kernel drops the lock when its holder dies, ``kill -9`` included, so a
+    killed run never blocks the next one; the file is not inherited by programs the
+    holder starts."""
+    path = Path(directory) / LOCK
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunBusyError(f"{directory}: another process is working in this run (it holds {path}); "
+                           f"wait for it to end or choose another --out") from None
+    return handle
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from tmass.train.losses import (
     DEFAULT_LOSS, LOSS_TERMS, POOLING_PATHS, SUPPORT_VIDEOS, batch_losses, build_loss, loss_names, parse_loss_terms,
 )
 from tmass.train.registry import build_head, config_from_dict
+from tmass.train.runs import lock_run
 
 CHECKPOINT_VERSION = 1
 SELECTION_LABELS = {
@@ -155,6 +156,30 @@ def resolve_configs(cfg: TrainConfig, head_cfg: Any, arrays: SplitArrays) -> tup
         head_cfg, embed_dim=meta.embed_dim, num_frames=meta.num_frames, logit_scale=float(meta.logit_scale)
     )
     return cfg, head_cfg
+
+
+def features_identity(split_dir: Path) -> dict:
+    """What splits trained and evaluated together must share, from a split's manifest:
+    the encoder (source, model, weights and their hash; for random-init weights and
+    simulated features the seed that made them, and the simulator's preset), the width,
+    the frame count, the image size and the format's major version. A run records it in
+    ``config.json`` and its checkpoints, where ``tmass eval`` compares it."""
+    manifest = json.loads((Path(split_dir) / "manifest.json").read_text())
+    meta, version = manifest["meta"], str(manifest.get("format_version", "?"))
+    extra = meta.get("extra") or {}
+    identity = {key: meta.get(key) for key in ("source", "model", "pretrained", "checkpoint_sha256", "random_init",
+                                               "embed_dim", "num_frames", "image_size")}
+    identity.update(weights=extra.get("weights", meta.get("pretrained")), format_version=version.split(".")[0])
+    if meta.get("random_init") or meta.get("source") == "simulated":  # the seed made the weights
+        identity.update(seed=extra.get("seed"), preset=extra.get("preset"))
+    return identity
+
+
+def identity_mismatch(identity: dict, other: dict) -> str:
+    """``key a vs b`` for each key on which two :func:`features_identity` differ, or ''."""
+    keys = dict.fromkeys([*identity, *other])
+    return ", ".join(f"{key} {identity.get(key)!r} vs {other.get(key)!r}"
+                     for key in keys if identity.get(key) != other.get(key))
 
 
 # ----------------------------------------------------------------------------- one step
@@ -366,6 +391,11 @@ def train(
     if test_arrays is None and (cfg.select_on == "test" or cfg.final_eval):
         raise FileNotFoundError(f"{test_dir}: no test split (needed for select_on=test or the final metrics)")
     cfg, head_cfg = resolve_configs(cfg, head_cfg, train_arrays)
+    identity = features_identity(features / "train")
+    mismatch = identity_mismatch(features_identity(test_dir), identity) if test_arrays is not None else ""
+    if mismatch:
+        raise ValueError(f"{test_dir} does not belong with {features / 'train'} (test vs train: {mismatch}); "
+                         "extract both splits with the same model, weights and frame count")
 
     if cfg.select_on == "test":
         fit_arrays, val_arrays, val_split = train_arrays, test_arrays, "test"
@@ -381,21 +411,27 @@ def train(
         "head": dataclasses.asdict(head_cfg),
         "features": str(features.resolve()),
         "features_manifest_sha256": hashes,
+        "features_identity": identity,
         "software_version": __version__,
         "selection": cfg.selection,
         "pairs": {"train": len(fit_arrays.text_ids), "val": len(val_arrays.text_ids) if val_split == "val" else 0},
     }
 
     trainer = Trainer(cfg, head_cfg, PairData(fit_arrays, device), device)
-    run = {"features_manifest_sha256": hashes, "selection": cfg.selection, "best": None}
+    run = {"features_manifest_sha256": hashes, "features_identity": identity, "selection": cfg.selection, "best": None}
     out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        run = _resume(out, trainer, config, run)
-    elif any((out / name).exists() for name in RUN_FILES):
-        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) or choose another directory")
-    else:
-        write_json(out / "config.json", config)
-    log = _RunLog(out, trainer.step_count if resume else None)
+    lock = lock_run(out)  # until this function returns; a second process is refused
+    try:
+        if resume:
+            run = _resume(out, trainer, config, run)
+        elif any((out / name).exists() for name in RUN_FILES):
+            raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) or choose another directory")
+        else:
+            write_json(out / "config.json", config)
+        log = _RunLog(out, trainer.step_count if resume else None)
+    except BaseException:
+        lock.close()
+        raise
     started = time.perf_counter()
     try:
         if not resume:
@@ -457,6 +493,7 @@ def train(
         return metrics
     finally:
         log.close()
+        lock.close()
 
 
 def _resume(out: Path, trainer: Trainer, config: dict, run: dict) -> dict:
@@ -477,7 +514,8 @@ def _resume(out: Path, trainer: Trainer, config: dict, run: dict) -> dict:
     if checkpoint["features_manifest_sha256"] != config["features_manifest_sha256"]:
         problems.append("features: manifest hashes differ from the checkpoint's (different features)")
     if problems:
-        raise ValueError(f"cannot resume {path}: the run differs from the checkpoint's:\n  " + "\n  ".join(problems))
+        raise ValueError(f"cannot resume {path}: the run differs from the checkpoint's in " + "; ".join(problems)
+                         + "; resume with the run's own settings, or train into another --out")
     trainer.head.load_state_dict(checkpoint["state_dict"])
     trainer.optimizer.load_state_dict(checkpoint["optimizer"])
     trainer.set_rng_state(checkpoint["rng"])
