@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tmass.train.registry import display_name  # noqa: E402
+
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
@@ -92,7 +94,7 @@ def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
     config = json.loads((run_dir / "config.json").read_text())
-    fig.suptitle(f"{run_dir}: {config['head']['head']} head", fontsize=10)
+    fig.suptitle(f"{run_dir}: {display_name(config['head']['head'])} head", fontsize=10)
     return _save(fig, path or run_dir / "training-curves.png")
 
 

@@ -53,6 +53,7 @@ def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
     import numpy as np
 
     from tmass.evaluate.figures import plot_gallery, plot_training_curves
+    from tmass.train.registry import display_name
 
     from tmass.train.runs import mark_run
 
@@ -67,7 +68,7 @@ def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
             raise click.ClickException(f"{path}: missing; run `tmass eval --json {path}` first")
         data = json.loads(path.read_text())
         evals.append(data)
-        rows.append({"run": str(run), "head": data["head"], "protocol": data["protocol"], "trials": data["trials"],
+        rows.append({"run": str(run), "head": display_name(data["head"]), "protocol": data["protocol"], "trials": data["trials"],
                      "selection": data.get("selection", "unknown"),
                      **{f"t2v_{k}": data["t2v"][k] for k in ("R1", "R5", "R10", "MdR", "MnR")},
                      **{f"v2t_{k}": data["v2t"][k] for k in ("R1", "R5", "R10", "MdR", "MnR")}})
@@ -101,7 +102,7 @@ def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
         paths = [videos[v] for v in arrays.video_ids]
         written = plot_gallery(scores, arrays.captions, arrays.text_to_video, lambda v, n: read_frames(paths[v], n)[0],
                                out / "gallery.png",
-                               title=f"{data['head']} on {gallery_dataset} {arrays.meta.split}: top 5 videos per caption "
+                               title=f"{display_name(data['head'])} on {gallery_dataset} {arrays.meta.split}: top 5 videos per caption "
                                      f"(green: the captioned video), {data['protocol']} scores"
                                      + (" -- RANDOM-INIT ENCODER" if arrays.meta.random_init else ""))
         click.echo(f"figure {written}")

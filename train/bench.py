@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from tmass.train.registry import head_names
+
 WARMUP_STEPS = 20  # untimed: first-call allocations and kernel selection
 
 
@@ -26,12 +28,12 @@ def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int
 
     from tmass.features.format import load_split
     from tmass.train.data import PairData
-    from tmass.train.heads import HeadConfig
+    from tmass.train.registry import head_spec
     from tmass.train.trainer import Trainer, TrainConfig, resolve_configs, resolve_device
 
     arrays = load_split(Path(features) / "train")
     cfg = TrainConfig(epochs=1, batch_size=batch_size, device=device, pooling_path=pooling_path)
-    cfg, head_cfg = resolve_configs(cfg, HeadConfig(head=head), arrays)
+    cfg, head_cfg = resolve_configs(cfg, head_spec(head).make_config(), arrays)
     dev = resolve_device(device)
     trainer = Trainer(cfg, head_cfg, PairData(arrays, dev), dev)
     timed = trainer.steps_per_epoch - WARMUP_STEPS if full_epoch else min(steps, trainer.steps_per_epoch - WARMUP_STEPS)
@@ -55,7 +57,7 @@ def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int
 
 @click.command()
 @click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--head", type=click.Choice(["meanp", "xpool", "tmass"]), default="tmass", show_default=True)
+@click.option("--head", type=click.Choice(head_names()), default="tmass", show_default=True)
 @click.option("--steps", type=int, default=500, show_default=True, help="Timed steps (after a warm-up).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)

@@ -22,10 +22,12 @@ import dataclasses
 import importlib
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
+
+from tmass.train.config import setting
 
 ENTRY_POINT_GROUP = "tmass.heads"
 
@@ -58,12 +60,13 @@ HEADS = {
 class BaseHeadConfig:
     """The fields every head's config carries (:data:`CONFIG_FIELDS`); a new head's config
     may subclass it. Configs stay plain, torch-free dataclasses: a checkpoint stores one
-    as a dict, and command-line options are derived from their fields' metadata."""
+    as a dict, and command-line options are derived from their fields
+    (:func:`tmass.train.config.setting`)."""
 
-    head: str = field(default="", metadata={"help": "Registered head name."})
-    embed_dim: int = field(default=512, metadata={"help": "CLIP embedding width (from the features)."})
-    num_frames: int = field(default=12, metadata={"help": "Frames per video (from the features)."})
-    logit_scale: float = field(default=100.0, metadata={"help": "Initial exp(logit scale) (from the features)."})
+    head: str = setting("", cli=False, help="The registered head's name.")
+    embed_dim: int = setting(512, cli=False, help="CLIP embedding width (from the features).")
+    num_frames: int = setting(12, cli=False, help="Frames per video (from the features).")
+    logit_scale: float = setting(100.0, cli=False, help="Initial exp(logit scale) (from the features).")
 
 
 @dataclass(frozen=True)
