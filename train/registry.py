@@ -53,6 +53,7 @@ HEADS = {
     "meanp": "tmass.train.heads.xpool:MEANP",
     "xpool": "tmass.train.heads.xpool:XPOOL",
     "tmass": "tmass.train.heads.xpool:TMASS",
+    "ea": "tmass.train.heads.ea:SPEC",
 }
 
 
