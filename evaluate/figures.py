@@ -1,6 +1,8 @@
 """Every figure the project draws (matplotlib, headless Agg): ablation sweeps, training
 curves, the paper's Fig. 5 analysis, and the demo's retrieval gallery. Each figure has
-a title, axis labels and units, and is written as PNG."""
+a title, axis labels and units, and is written as PNG. Where a ``*_figure`` function
+exists it returns the matplotlib Figure (what the tests read the plotted data from),
+and its ``plot_*`` twin writes it."""
 
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_sweep(sweep, rows: list[dict], path: Path) -> Path:
+def sweep_figure(sweep, rows: list[dict]):
     """R@1 and MnR (text-to-video, mean ± std over seeds) of each variant of a sweep:
-    bars for categorical sweeps, lines over ``Variant.x`` for numeric ones."""
+    points for categorical sweeps, lines over ``Variant.x`` for numeric ones. Axes 0
+    and 1 hold one errorbar line each, in ``rows`` order."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     seeds = rows[0]["seeds"] if rows else 0
     for ax, metric, label in ((axes[0], "R1", "R@1 (%) ↑"), (axes[1], "MnR", "mean rank ↓")):
@@ -48,7 +51,12 @@ def plot_sweep(sweep, rows: list[dict], path: Path) -> Path:
         ax.set_ylabel(f"text-to-video {label}")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{sweep.title}\nleak-free test metrics, mean ± std over {seeds} seeds", fontsize=10)
-    return _save(fig, path)
+    return fig
+
+
+def plot_sweep(sweep, rows: list[dict], path: Path) -> Path:
+    """:func:`sweep_figure`, written to ``path``."""
+    return _save(sweep_figure(sweep, rows), path)
 
 
 STEP_FIELDS = ("step", "epoch", "lr", "logit_scale")  # of a log.jsonl step record; the other keys are losses
@@ -99,14 +107,14 @@ def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
 
 
 def _irrelevant_max(scores: np.ndarray, text_to_video: np.ndarray) -> np.ndarray:
-    """Per query, its highest score with a video it does not describe ``[n_text]``."""
-    masked = scores.copy()
+    """Per query, its highest score with a video it does not describe ``[n_text]``
+    (undefined audit scores, NaN, left out)."""
+    masked = np.where(np.isnan(scores), -np.inf, scores)
     masked[np.arange(len(scores)), text_to_video] = -np.inf
     return masked.max(axis=1)
 
 
-def plot_similarity_analysis(point: np.ndarray, mass: np.ndarray, text_to_video: np.ndarray, path: Path,
-                             title: str = "") -> Path:
+def similarity_figure(point: np.ndarray, mass: np.ndarray, text_to_video: np.ndarray, title: str = ""):
     """The paper's Fig. 5 on any run: how the text mass moves similarities.
 
     ``point`` ``[n_text, n_video]``: cos(t, p(v|t)) with the text embedding t itself;
@@ -123,6 +131,8 @@ def plot_similarity_analysis(point: np.ndarray, mass: np.ndarray, text_to_video:
         rel - irr for rel, irr in zip(series["similarity of the relevant pair"], series["highest similarity to an irrelevant video"]))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (name, (with_t, with_ts)) in zip(axes, series.items()):
+        # audit scores may be undefined: a query with no defined irrelevant score has no margin
+        with_t, with_ts = with_t[np.isfinite(with_t)], with_ts[np.isfinite(with_ts)]
         bins = np.linspace(min(with_t.min(), with_ts.min()), max(with_t.max(), with_ts.max()), 50)
         ax.hist(with_t, bins=bins, alpha=0.55, label=f"text t (mean {with_t.mean():.3f})")
         ax.hist(with_ts, bins=bins, alpha=0.55, label=f"selected t_s (mean {with_ts.mean():.3f})")
@@ -131,7 +141,13 @@ def plot_similarity_analysis(point: np.ndarray, mass: np.ndarray, text_to_video:
         ax.grid(alpha=0.3)
     axes[2].axvline(0.0, color="k", lw=0.8)
     fig.suptitle(title or "Fig. 5 analysis: text t against the selected stochastic text t_s", fontsize=10)
-    return _save(fig, path)
+    return fig
+
+
+def plot_similarity_analysis(point: np.ndarray, mass: np.ndarray, text_to_video: np.ndarray, path: Path,
+                             title: str = "") -> Path:
+    """:func:`similarity_figure`, written to ``path``."""
+    return _save(similarity_figure(point, mass, text_to_video, title), path)
 
 
 def gallery_queries(text_to_video: np.ndarray, queries: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from tmass.cli import main
-from tmass.evaluate.figures import gallery_queries, plot_similarity_analysis
+from tmass.evaluate.figures import gallery_queries, similarity_figure, sweep_figure
 from tmass.sweep import SWEEPS, SweepConfig, Variant, _frames_of, run_sweeps, subsample_frames
 
 
@@ -33,7 +33,13 @@ def test_trials_sweep_trains_once_and_reuses_runs(tiny_features, tmp_path):
     assert "leak-free" in table and "| M = 20 |" in table
     with open(tmp_path / "trials.csv") as fh:
         assert [r["variant"] for r in csv.DictReader(fh)] == [r["variant"] for r in rows]
-    assert (tmp_path / "trials.png").stat().st_size > 10_000
+    assert (tmp_path / "trials.png").exists()
+    figure = sweep_figure(SWEEPS["trials"], rows)  # the plotted data: one point per variant, in order
+    for ax, metric in zip(figure.axes, ("R1", "MnR")):
+        (bars,) = ax.containers
+        line = bars.lines[0]  # the data line of the errorbar (the rest are caps and bars)
+        assert list(line.get_xdata()) == [r["x"] for r in rows] and list(line.get_ydata()) == [r[metric] for r in rows]
+    assert "trials M" == figure.axes[0].get_xlabel() and "leak-free" in figure._suptitle.get_text()
 
 
 def test_shared_configurations_share_runs():
@@ -88,12 +94,27 @@ def test_report_compares_evaluated_runs(tiny_features, tmp_path):
     assert all((run / "training-curves.png").exists() for run in runs)
 
 
-def test_similarity_analysis_reads_the_margins(tmp_path):
+def test_similarity_analysis_reads_the_margins():
+    """Each panel holds two histograms (t, then t_s) of one value per query: the highest
+    irrelevant score, the relevant score and their difference; audit NaNs are left out."""
     rng = np.random.default_rng(0)
     point = rng.normal(0.2, 0.05, (40, 30)).astype(np.float32)
     mass = point + 0.05
-    path = plot_similarity_analysis(point, mass, np.arange(40) % 30, tmp_path / "fig5.png")
-    assert path.stat().st_size > 20_000
+    mass[0, 5] = np.nan  # an undefined audit score (caption 0 does not describe video 5)
+    targets = np.arange(40) % 30
+    rows = np.arange(40)
+    irrelevant = [np.where(np.arange(30) == targets[:, None], -np.inf, np.nan_to_num(s, nan=-np.inf)).max(1)
+                  for s in (point, mass)]
+    relevant = [point[rows, targets], mass[rows, targets]]
+    expected = (irrelevant, relevant, [r - i for r, i in zip(relevant, irrelevant)])
+    figure = similarity_figure(point, mass, targets)
+    for ax, (with_t, with_ts) in zip(figure.axes, expected):
+        bars = ax.patches
+        counts_t, counts_ts = np.array([b.get_height() for b in bars[:49]]), np.array([b.get_height() for b in bars[49:]])
+        edges = [b.get_x() for b in bars[:49]] + [bars[48].get_x() + bars[48].get_width()]
+        assert np.array_equal(counts_t, np.histogram(with_t, edges)[0]) and counts_t.sum() == 40
+        assert np.array_equal(counts_ts, np.histogram(with_ts, edges)[0]) and counts_ts.sum() == 40
+    assert figure.axes[1].get_legend().get_texts()[1].get_text() == f"selected t_s (mean {relevant[1].mean():.3f})"
 
 
 def test_gallery_shows_one_caption_per_video():
