@@ -64,7 +64,7 @@ def test_eval_and_ablate_options_agree_with_the_configs():
         fields = {f.name: f for f in dataclasses.fields(config)}
         for param in _params(command).values():
             name = param.opts[0].lstrip("-").replace("-", "_") if param.opts else param.name
-            if name not in fields or name in ("progress",):
+            if name not in fields:
                 continue
             shared.setdefault(command.name, set()).add(name)
             assert param.default == field_default(fields[name]), (command.name, name)

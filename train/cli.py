@@ -110,6 +110,8 @@ def _configs(features: Path | None, config_file: Path | None, given: dict, resum
     from tmass.train.trainer import TrainConfig
 
     sections = read_config_file(config_file) if config_file else {"features": None, "train": {}, "head": {}}
+    if resume and features is not None and features.resolve() != Path(sections["features"]):
+        raise ValueError(f"--features {features} differs from the run's {sections['features']}")
     if features is None:
         if not sections["features"]:
             raise ValueError(f"{config_file}: no features; give --features or set features in the file")
