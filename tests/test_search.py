@@ -232,3 +232,22 @@ def test_eval_saves_sims_with_ids_and_search_gives_the_same_scores(head_index, t
     row = ids["text_ids"].index(text_id)
     for hit in data["results"][0]["hits"]:
         assert hit["score"] == pytest.approx(float(saved["sims"][row, ids["video_ids"].index(hit["video_id"])]), abs=1e-6)
+
+
+def test_a_folder_without_captions_is_checked_on_its_frames_and_shows_them(demo_index, tmp_path):
+    import shutil
+
+    _, _, root = demo_index
+    folder = tmp_path / "my videos"
+    (folder / "trip").mkdir(parents=True)
+    for clip in sorted((root / "videos").glob("*.mp4"))[:3]:
+        shutil.copy(clip, folder / "trip" / clip.name)
+    model = demo_index[0] / "model" / "tiny-clip.json"
+    run("extract", "--dataset", "folder", "--data-root", folder, "--out", tmp_path / "features", "--model", model,
+        "--pretrained", "none")
+    split = tmp_path / "features" / "folder" / "tiny-clip__none" / "all"
+    run("index", "--features", split, "--out", tmp_path / "idx", "--model", model)
+    check = json.loads((tmp_path / "idx" / "index.json").read_text())["query_encoder_check"]
+    assert check["status"] == "reproduced" and check["checked"].startswith("frames of trip/")
+    run("search", "a shape", "--index", tmp_path / "idx", "--top", 3, "--html", tmp_path / "page.html")
+    assert (tmp_path / "page.html").read_text().count("<img") == 3  # the folder's path came from the features

@@ -226,7 +226,7 @@ def check_checkpoint(checkpoint: Path, meta: FeatureMeta, split_dir: Path) -> tu
     if head.cfg.embed_dim != meta.embed_dim:
         raise SearchError(f"{checkpoint}: head has dim {head.cfg.embed_dim}, features {split_dir} have dim "
                           f"{meta.embed_dim}: index features made with the encoder the run was trained on")
-    if head.radius is not None and head.cfg.radius == "linear" and head.cfg.num_frames != meta.num_frames:
+    if getattr(head, "radius", None) is not None and head.cfg.radius == "linear" and head.cfg.num_frames != meta.num_frames:
         raise SearchError(f"{checkpoint}: linear radius expects {head.cfg.num_frames} frames, features "
                           f"{split_dir} have {meta.num_frames}")
     trained_on = _run_dir_encoder(checkpoint)
@@ -256,17 +256,59 @@ def _model_config(meta: FeatureMeta, model: str | None) -> tuple[str, dict]:
     return name, config
 
 
-def verify_query_encoder(encoder, arrays: SplitArrays) -> dict:
-    """Does the rebuilt encoder give the split's own caption embeddings? Re-encodes up to
-    :data:`CHECK_CAPTIONS` stored captions and compares cosines."""
-    if not arrays.captions:
-        return {"status": "unchecked", "reason": "the split has no captions to re-encode"}
-    rows = np.linspace(0, len(arrays.captions) - 1, min(CHECK_CAPTIONS, len(arrays.captions))).round().astype(int)
-    again = _unit(encoder.encode_texts([arrays.captions[r] for r in rows]))
-    stored = _unit(arrays.text_embeddings[rows])
-    cosine = float((again * stored).sum(-1).min())
+def video_files(video_ids: list[str], dataset: str, split: str, root) -> tuple[dict[str, Path], str | None]:
+    """Where each video's file is, or why that is unknown: ids are paths relative to the
+    data root (a folder of videos) or named by the dataset adapter's layout."""
+    if not root:
+        return {}, "frames not shown: the index does not know where the videos are (pass --data-root DIR)"
+    root = Path(root)
+    if not root.is_dir():
+        return {}, f"frames not shown: data root {root} does not exist"
+    if video_ids and (root / video_ids[0]).is_file():
+        return {v: root / v for v in video_ids}, None
+    from tmass.extract.datasets import LayoutError, load_split as load_annotations
+
+    try:
+        videos = load_annotations(dataset, root, split).videos
+    except (LayoutError, ValueError, OSError) as exc:
+        return {}, f"frames not shown: cannot map video ids to files under {root} ({str(exc).splitlines()[0]})"
+    return {v.id: v.path for v in videos}, None
+
+
+def encode_video_file(encoder, path: Path, num_frames: int, sampling: str, seed: int, video_id: str) -> np.ndarray:
+    """A video file's frame embeddings ``[n_real_frames, dim]``, sampled and encoded as
+    extraction does."""
+    import torch
+    from PIL import Image
+
+    from tmass.extract.video import read_frames
+
+    frames, _, _ = read_frames(Path(path), num_frames, "random" if sampling == "random" else "uniform", seed, video_id)
+    return encoder.encode_images(torch.stack([encoder.preprocess(Image.fromarray(frame)) for frame in frames]))
+
+
+def verify_query_encoder(encoder, arrays: SplitArrays, data_root) -> dict:
+    """Does the rebuilt encoder give the split's own embeddings? Re-encodes up to
+    :data:`CHECK_CAPTIONS` stored captions, or, in a split without captions, the first
+    video (when its file can be found), and compares cosines."""
+    from tmass.extract.video import VideoError
+
+    if arrays.captions:
+        rows = np.linspace(0, len(arrays.captions) - 1, min(CHECK_CAPTIONS, len(arrays.captions))).round().astype(int)
+        again, stored, what = encoder.encode_texts([arrays.captions[r] for r in rows]), arrays.text_embeddings[rows], "captions"
+    else:
+        meta, video = arrays.meta, arrays.video_ids[0]
+        paths, note = video_files(arrays.video_ids[:1], meta.dataset, meta.split, data_root)
+        if video not in paths:
+            return {"status": "unchecked", "reason": f"the split has no captions, and its videos cannot be read ({note})"}
+        try:
+            again = encode_video_file(encoder, paths[video], meta.num_frames, meta.frame_sampling, meta.extra.get("seed", 0), video)
+        except VideoError as exc:
+            return {"status": "unchecked", "reason": f"the split has no captions, and {paths[video]}: {exc.reason}"}
+        stored, what = arrays.frames[0][arrays.frame_mask[0]], f"frames of {video}"
+    cosine = float((_unit(again) * _unit(stored)).sum(-1).min()) if len(again) == len(stored) else -1.0
     status = "reproduced" if cosine >= CHECK_MIN_COSINE else "mismatch"
-    return {"status": status, "captions": len(rows), "min_cosine": round(cosine, 6)}
+    return {"status": status, "checked": what, "min_cosine": round(cosine, 6)}
 
 
 def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data_root: Path | None = None,
@@ -301,7 +343,7 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
         name, model_cfg = _model_config(meta, model)
         try:
             encoder = get_encoder(model or meta.model, identity["weights"], "cpu", identity.get("seed", meta.extra.get("seed", 0)))
-            check = verify_query_encoder(encoder, arrays)
+            check = verify_query_encoder(encoder, arrays, data_root or meta.extra.get("data_root"))
         except EncoderError as exc:
             check = {"status": "unchecked", "reason": f"encoder not loadable here: {exc}"}
         if check["status"] != "reproduced":
@@ -440,21 +482,14 @@ class SearchIndex:
     def encode_video(self, path: Path, device: str = "cpu") -> np.ndarray:
         """A video file -> its meanP embedding ``[1, dim]``, sampled and encoded as the
         indexed videos were."""
-        import torch
-        from PIL import Image
+        from tmass.extract.video import VideoError
 
-        from tmass.extract.video import VideoError, read_frames
-
-        encoder = self.encoder(device)
         try:
-            frames, _, _ = read_frames(Path(path), self.info["num_frames"],
-                                       "random" if self.info["frame_sampling"] == "random" else "uniform",
+            frames = encode_video_file(self.encoder(device), path, self.info["num_frames"], self.info["frame_sampling"],
                                        self.info["encoder"].get("seed", 0), Path(path).name)
         except VideoError as exc:
             raise SearchError(f"--video {path}: {exc.reason}") from exc
-        pixels = torch.stack([encoder.preprocess(Image.fromarray(frame)) for frame in frames])
-        embeddings = encoder.encode_images(pixels)[None]  # [1, n_real, dim]
-        return pool_frames(embeddings, np.ones(embeddings.shape[:2], bool))
+        return pool_frames(frames[None], np.ones((1, len(frames)), bool))
 
     # -- ranking ------------------------------------------------------------------
 
@@ -522,24 +557,7 @@ class SearchIndex:
     # -- output -------------------------------------------------------------------
 
     def video_paths(self, data_root: Path | None = None) -> tuple[dict[str, Path], str | None]:
-        """Where each video's file is, or why that is unknown: ids relative to the data
-        root (a folder) or the dataset adapter's layout."""
-        root = data_root or self.info.get("data_root")
-        if not root:
-            return {}, "frames not shown: the index does not know where the videos are (pass --data-root DIR)"
-        root = Path(root)
-        if not root.is_dir():
-            return {}, f"frames not shown: data root {root} does not exist"
-        paths = {v: root / v for v in self.video_ids[:1] if (root / v).is_file()}
-        if paths:
-            return {v: root / v for v in self.video_ids}, None
-        from tmass.extract.datasets import LayoutError, load_split as load_annotations
-
-        try:
-            videos = load_annotations(self.info["dataset"], root, self.info["split"]).videos
-        except (LayoutError, ValueError, OSError) as exc:
-            return {}, f"frames not shown: cannot map video ids to files under {root} ({str(exc).splitlines()[0]})"
-        return {v.id: v.path for v in videos}, None
+        return video_files(self.video_ids, self.info["dataset"], self.info["split"], data_root or self.info.get("data_root"))
 
 
 def hits(index: SearchIndex, ranking: Ranking) -> list[dict]:
