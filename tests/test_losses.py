@@ -176,3 +176,14 @@ def test_training_curves_draw_the_terms_the_log_names(monkeypatch, tmp_path):
         assert [t.get_text() for t in axis.get_legend().get_texts()] == expected
         assert [list(line.get_ydata()) for line in axis.get_lines()] == [[terms[k] / i for i in (1, 2, 3)] for k in expected]
         figures.plt.close(drawn["fig"])
+
+
+def test_a_run_saved_before_the_loss_registry_resumes(tiny_features, tmp_path):
+    """Its checkpoint names no loss: it trained with InfoNCE's defaults, and resumes so."""
+    cfg = TrainConfig(epochs=1, lr=1e-3, val_fraction=0.0, final_eval=False)
+    out = tmp_path / "run"
+    train(tiny_features, out, cfg, HeadConfig(head="xpool"), progress=False, stop_after=5)
+    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    del checkpoint["train_config"]["loss"], checkpoint["train_config"]["loss_options"]
+    torch.save(checkpoint, out / "last.pt")
+    assert train(tiny_features, out, cfg, HeadConfig(head="xpool"), progress=False, resume=True)["steps"] == 32

@@ -140,8 +140,11 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> TrainConfig:
+        """A saved config, with its loss's settings resolved as ``resolve_configs`` does (a
+        run saved before the loss registry names none: InfoNCE's defaults, as it trained)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        cfg = cls(**{k: v for k, v in data.items() if k in known})
+        return dataclasses.replace(cfg, loss_options=dataclasses.asdict(build_loss(cfg.loss, cfg.loss_options).cfg))
 
 
 def resolve_configs(cfg: TrainConfig, head_cfg: Any, arrays: SplitArrays) -> tuple[TrainConfig, Any]:
