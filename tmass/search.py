@@ -24,7 +24,7 @@ other videos are candidates, and equals what ``tmass eval`` gives the same pair.
 **Two stages.** A text-conditioned head cannot be indexed (the pooled video depends on
 the text), so the first stage works on text-independent proxies and the head scores
 only K of the videos (``candidates``). faiss ranks the meanP embeddings by inner product
-with the unit query and keeps a ``shortlist`` (2,000 by default); the shortlist's frames
+with the unit query and keeps a ``shortlist`` (1,000 by default); the shortlist's frames
 then narrow it to K by their best frame, max_f cos(t, f), the proxy closest to X-Pool's
 attention, which leans on the frames most like the text (on simulated MSR-VTT with K =
 50 it keeps 96 % of the T-MASS head's exhaustive top 10, against 80 % for meanP); the
@@ -105,7 +105,7 @@ class SearchConfig:
 
     top: int = 10
     candidates: int = 200
-    shortlist: int = 2000
+    shortlist: int = 1000
     scoring: object = None  # EvalConfig; typed loosely so that importing this costs no torch
 
     def eval_config(self):

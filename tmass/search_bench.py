@@ -96,7 +96,7 @@ def _top(scores: np.ndarray, rows: np.ndarray, top: int) -> np.ndarray:
 def recall(preset: str, checkpoint: Path | None, work: Path, shortlist: int, n_test: int | None = None,
            n_queries: int | None = None) -> dict:
     """Two-stage against exhaustive scoring on a simulated test split (``n_test`` videos of
-    one caption each and its first ``n_queries`` captions, if given). The two-stage path is
+    one caption each, if given; ``n_queries`` captions spread evenly over it, if given). The two-stage path is
     replayed from the exhaustive scores, the meanP ranking and the best-frame matrix;
     :data:`SAMPLE_CHECK` captions also go through :meth:`SearchIndex.rank` itself, which
     must return the same top 10 with the same scores."""
@@ -110,7 +110,9 @@ def recall(preset: str, checkpoint: Path | None, work: Path, shortlist: int, n_t
     features = _simulated(preset, work, n_test)
     arrays = load_split(features / "test")
     n_text = min(n_queries or len(arrays.text_ids), len(arrays.text_ids))
-    texts, text_ids, target = arrays.text_embeddings[:n_text], arrays.text_ids[:n_text], arrays.text_to_video[:n_text]
+    picked = np.linspace(0, len(arrays.text_ids) - 1, n_text).round().astype(int)  # spread over the videos
+    texts, target = arrays.text_embeddings[picked], arrays.text_to_video[picked]
+    text_ids = [arrays.text_ids[i] for i in picked]
     checkpoint = checkpoint or _untrained_head(features, "tmass", work)
     head, _ = load_checkpoint(checkpoint, "cpu")
     scoring = EvalConfig(trials=20, progress=True)
@@ -176,7 +178,8 @@ def _text_encoder_ms(repeats: int = 20) -> float:
     return 1000 * float(np.median(times))
 
 
-def latency(sizes: list[int], n_queries: int, search: SearchConfig, work: Path, checkpoints: dict, ivf: bool) -> list[dict]:
+def latency(sizes: list[int], n_queries: int, ks: list[int], shortlist: int, work: Path, checkpoints: dict,
+            ivf: bool) -> list[dict]:
     from tmass.features.format import load_split
     from tmass.search import IndexConfig, SearchIndex, build_first_stage, first_stage_label
     from tmass.train.trainer import load_checkpoint
@@ -203,22 +206,22 @@ def latency(sizes: list[int], n_queries: int, search: SearchConfig, work: Path, 
             first = build_first_stage(pooled, IndexConfig(stage))
             build_s = time.perf_counter() - start
             ids = [f"v{i:07d}" for i in range(n)]
-            for name, head in heads.items():
+            cases = [("none", None, None)] + [(name, head, k) for name, head in heads.items() if head is not None for k in ks]
+            for name, head, k in cases:
                 index = SearchIndex({}, ids, first, frames, masks, head)
-                config = dataclasses.replace(search, scoring=EvalConfig(trials=20, progress=False))
+                config = SearchConfig(10, k or 1, shortlist, EvalConfig(trials=20, progress=False))
                 index.rank(queries[:2], query_ids[:2], query_ids[:2], config)  # warm-up (numba, caches)
                 timings = [r.seconds for r in index.rank(queries, query_ids, query_ids, config)]
                 row = {"n_video": n, "first_stage": first_stage_label(first), "build_s": round(build_s, 1), "head": name,
-                       "K": search.candidates if head is not None else None}
+                       "K": k, "shortlist": shortlist if head is not None else None}
                 for part in ("first_stage", "narrow", "head", "total"):
                     values = 1000 * np.array([t[part] for t in timings])
                     row[f"{part}_ms_median"] = round(float(np.median(values)), 2)
                     row[f"{part}_ms_p90"] = round(float(np.percentile(values, 90)), 2)
                 rows.append(row)
-                click.echo(f"  n={n:>9,} {stage:4} head={name:6} total {row['total_ms_median']:7.2f} ms median "
+                click.echo(f"  n={n:>9,} {stage:4} head={name:6} K={k or '-'} total {row['total_ms_median']:7.2f} ms median "
                            f"({row['first_stage_ms_median']:.2f} first stage + {row['narrow_ms_median']:.2f} best frames + "
-                           f"{row['head_ms_median']:.2f} head), "
-                           f"p90 {row['total_ms_p90']:.2f}", err=True)
+                           f"{row['head_ms_median']:.2f} head), p90 {row['total_ms_p90']:.2f}", err=True)
             del first
         del pooled
     return rows
@@ -226,20 +229,22 @@ def latency(sizes: list[int], n_queries: int, search: SearchConfig, work: Path, 
 
 @click.command()
 @click.option("--presets", default="msrvtt,vatex", show_default=True, help="Recall part: simulated presets ('' skips).")
-@click.option("--scaled", default="msrvtt:100000:200", show_default=True,
+@click.option("--scaled", default="msrvtt:100000:50", show_default=True,
               help="Recall on a larger simulated gallery, PRESET:N_VIDEOS:N_CAPTIONS ('' skips): the shortlist then "
                    "holds a fraction of it.")
+@click.option("--recall-queries", type=click.IntRange(1), default=None,
+              help="Captions per preset, spread evenly (VATEX: 1,500 is one per video). [default: all]")
 @click.option("--sizes", default="10000,100000,1000000", show_default=True, help="Latency part: gallery sizes ('' skips).")
 @click.option("--queries", type=click.IntRange(1), default=50, show_default=True, help="Queries timed per case.")
-@click.option("--candidates", "-k", type=click.IntRange(1), default=SearchConfig.candidates, show_default=True,
-              help="K in the latency part.")
+@click.option("--candidates", "-k", default=f"50,{SearchConfig.candidates}", show_default=True,
+              help="K values of the latency part, comma-separated.")
 @click.option("--shortlist", type=click.IntRange(1), default=SearchConfig.shortlist, show_default=True)
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A trained T-MASS head (on simulated features, seed 0). [default: the untrained head]")
 @click.option("--ivf", is_flag=True, help="Also time an IVF first stage at the largest size.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Keep simulated features here. [default: a temporary dir]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every number as JSON.")
-def main(presets, scaled, sizes, queries, candidates, shortlist, checkpoint, ivf, work, json_path):
+def main(presets, scaled, recall_queries, sizes, queries, candidates, shortlist, checkpoint, ivf, work, json_path):
     """Two-stage recall against exhaustive scoring, and search latency per query."""
     import torch
 
@@ -249,7 +254,7 @@ def main(presets, scaled, sizes, queries, candidates, shortlist, checkpoint, ivf
         report = {"torch_threads": torch.get_num_threads(), "recall": [], "latency": []}
         click.echo(f"search benchmark: torch threads {report['torch_threads']}; head "
                    f"{checkpoint or 'untrained T-MASS (tmass train --epochs 0)'}; meanP shortlist {shortlist}")
-        cases = [(p, None, None) for p in presets.split(",") if p]
+        cases = [(p, None, recall_queries) for p in presets.split(",") if p]
         if scaled:
             preset, n_videos, n_captions = scaled.split(":")
             cases.append((preset, int(n_videos), int(n_captions)))
@@ -269,13 +274,15 @@ def main(presets, scaled, sizes, queries, candidates, shortlist, checkpoint, ivf
             heads = {"xpool": _untrained_head(_simulated("msrvtt", work), "xpool", work),
                      "tmass": checkpoint or _untrained_head(_simulated("msrvtt", work), "tmass", work)}
             report["text_encoder_ms"] = round(_text_encoder_ms(), 1)
+            ks = [int(k) for k in candidates.split(",")]
             click.echo(f"latency per query (median of {queries}; first stage, best frames of the shortlist, head on "
-                       f"K = {candidates}); CLIP ViT-B-32 text encoder alone: {report['text_encoder_ms']} ms per query")
-            report["latency"] = latency(size_list, queries, SearchConfig(10, candidates, shortlist), work, heads, ivf)
-            click.echo(f"{'n_video':>10} {'first stage':34} {'head':6} {'median ms':>10} {'p90 ms':>8} "
+                       f"K candidates); CLIP ViT-B-32 text encoder alone: {report['text_encoder_ms']} ms per query")
+            report["latency"] = latency(size_list, queries, ks, shortlist, work, heads, ivf)
+            click.echo(f"{'n_video':>10} {'first stage':34} {'head':6} {'K':>5} {'median ms':>10} {'p90 ms':>8} "
                        f"{'(first stage':>13} {'best frames':>12} {'head)':>8}")
             for row in report["latency"]:
-                click.echo(f"{row['n_video']:>10,} {row['first_stage']:34} {row['head']:6} {row['total_ms_median']:10.2f} "
+                click.echo(f"{row['n_video']:>10,} {row['first_stage']:34} {row['head']:6} {row['K'] or '':>5} "
+                           f"{row['total_ms_median']:10.2f} "
                            f"{row['total_ms_p90']:8.2f} {row['first_stage_ms_median']:13.2f} {row['narrow_ms_median']:12.2f} "
                            f"{row['head_ms_median']:8.2f}")
         if json_path:
