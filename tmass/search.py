@@ -128,20 +128,6 @@ class Ranking:
 # ----------------------------------------------------------------------------- building
 
 
-def encoder_identity(meta: FeatureMeta) -> dict:
-    """What must agree for two splits' embeddings to live in one space: the model, the
-    weights actually loaded, and the seed where weights are random (random init, or the
-    simulator's world)."""
-    identity = {"source": meta.source, "model": meta.model, "embed_dim": meta.embed_dim,
-                "weights": meta.extra.get("weights", meta.pretrained), "checkpoint_sha256": meta.checkpoint_sha256}
-    if meta.random_init or meta.source == "simulated":
-        identity["seed"] = meta.extra.get("seed", 0)
-    if meta.source == "simulated":
-        world = {k: v for k, v in meta.extra.get("generator", {}).items() if k not in ("name", "train", "test", "videos_per_shard")}
-        identity["generator"] = world
-    return identity
-
-
 def describe_encoder(identity: dict) -> str:
     if identity["source"] == "simulated":
         return f"simulated features (seed {identity.get('seed')})"
@@ -199,25 +185,10 @@ def first_stage_label(index) -> str:
     return "exact (faiss IndexFlatIP)"
 
 
-def _run_dir_encoder(checkpoint: Path) -> dict | None:
-    """The encoder of the features a checkpoint was trained on, when its run's
-    config.json and those features can still be read (and are the same ones)."""
-    config = checkpoint.parent / "config.json"
-    try:
-        run = json.loads(config.read_text())
-        train_dir = Path(run["features"]) / "train"
-        manifest = json.loads((train_dir / "manifest.json").read_text())
-        if sha256_file(train_dir / "manifest.json") != run["features_manifest_sha256"]["train"]:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return encoder_identity(FeatureMeta.from_json(manifest["meta"]))
-
-
 def check_checkpoint(checkpoint: Path, meta: FeatureMeta, split_dir: Path) -> tuple[object, dict, str | None]:
     """Load a head and refuse one made for other features. Returns (head, checkpoint
     entries, a warning or None)."""
-    from tmass.train.trainer import load_checkpoint
+    from tmass.train.trainer import features_identity, identity_mismatch, load_checkpoint
 
     try:
         head, info = load_checkpoint(checkpoint, "cpu")
@@ -229,13 +200,14 @@ def check_checkpoint(checkpoint: Path, meta: FeatureMeta, split_dir: Path) -> tu
     if getattr(head, "radius", None) is not None and head.cfg.radius == "linear" and head.cfg.num_frames != meta.num_frames:
         raise SearchError(f"{checkpoint}: linear radius expects {head.cfg.num_frames} frames, features "
                           f"{split_dir} have {meta.num_frames}")
-    trained_on = _run_dir_encoder(checkpoint)
-    if trained_on is None:
-        return head, info, (f"cannot check which encoder {checkpoint} was trained on (its run's config.json or "
-                            "training features are gone); only the embedding width was checked")
-    if trained_on != encoder_identity(meta):
-        raise SearchError(f"{checkpoint} was trained on features of {describe_encoder(trained_on)}, but {split_dir} "
-                          f"holds {describe_encoder(encoder_identity(meta))}: index features from the run's encoder")
+    recorded = info.get("features_identity")
+    if not recorded:
+        return head, info, (f"{checkpoint} predates recorded feature identities: only its width and frame count "
+                            "were checked against the features")
+    mismatch = identity_mismatch(features_identity(split_dir), recorded)
+    if mismatch:
+        raise SearchError(f"{checkpoint} was trained on features of {describe_encoder(recorded)}, but {split_dir} "
+                          f"differs ({mismatch}): index features extracted like the run's training split")
     return head, info, None
 
 
@@ -317,6 +289,7 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
     Warnings (things not checkable) are in ``info["warnings"]``."""
     from tmass.extract.encoder import EncoderError, get_encoder
     from tmass.features.format import FeatureFormatError
+    from tmass.train.trainer import features_identity
 
     config = config or IndexConfig()
     split_dir, out = Path(split_dir), Path(out)
@@ -336,13 +309,13 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
         head, head_info, warning = check_checkpoint(Path(checkpoint), meta, split_dir)
         warnings += [warning] if warning else []
 
-    identity = encoder_identity(meta)
+    identity = features_identity(split_dir)
     model_cfg = None
     check = {"status": "unchecked", "reason": "simulated features have no encoder"}
     if meta.source == "open_clip":
         name, model_cfg = _model_config(meta, model)
         try:
-            encoder = get_encoder(model or meta.model, identity["weights"], "cpu", identity.get("seed", meta.extra.get("seed", 0)))
+            encoder = get_encoder(model or meta.model, identity["weights"], "cpu", identity.get("seed") or meta.extra.get("seed") or 0)
             check = verify_query_encoder(encoder, arrays, data_root or meta.extra.get("data_root"))
         except EncoderError as exc:
             check = {"status": "unchecked", "reason": f"encoder not loadable here: {exc}"}
@@ -433,12 +406,15 @@ class SearchIndex:
 
     # -- queries ------------------------------------------------------------------
 
-    def check_features(self, meta: FeatureMeta, where: Path) -> None:
-        """Refuse query features from another encoder than the index's."""
-        theirs = encoder_identity(meta)
-        if theirs != self.info["encoder"]:
-            raise SearchError(f"{where} was made with {describe_encoder(theirs)}, the index with "
-                              f"{describe_encoder(self.info['encoder'])}: query with features from the index's encoder")
+    def check_features(self, split_dir: Path) -> None:
+        """Refuse query features made otherwise than the index's (another encoder)."""
+        from tmass.train.trainer import features_identity, identity_mismatch
+
+        theirs = features_identity(split_dir)
+        mismatch = identity_mismatch(theirs, self.info["encoder"])
+        if mismatch:
+            raise SearchError(f"{split_dir} was made with {describe_encoder(theirs)}, the index with "
+                              f"{describe_encoder(self.info['encoder'])} ({mismatch}): query with features made alike")
 
     def encoder(self, device: str = "cpu"):
         """The query encoder: the features' own model and weights (see the module doc)."""
@@ -460,7 +436,7 @@ class SearchIndex:
         if identity["checkpoint_sha256"] and (not Path(weights).is_file() or sha256_file(Path(weights)) != identity["checkpoint_sha256"]):
             raise SearchError(f"encoder weights {weights} are missing or not the file the features were made with (sha256 differs)")
         try:
-            self._encoder = get_encoder(model, weights, device, identity.get("seed", 0))
+            self._encoder = get_encoder(model, weights, device, identity.get("seed") or 0)
         except EncoderError as exc:
             raise SearchError(str(exc).splitlines()[0]) from exc
         return self._encoder
@@ -486,7 +462,7 @@ class SearchIndex:
 
         try:
             frames = encode_video_file(self.encoder(device), path, self.info["num_frames"], self.info["frame_sampling"],
-                                       self.info["encoder"].get("seed", 0), Path(path).name)
+                                       self.info["encoder"].get("seed") or 0, Path(path).name)
         except VideoError as exc:
             raise SearchError(f"--video {path}: {exc.reason}") from exc
         return pool_frames(frames[None], np.ones((1, len(frames)), bool))

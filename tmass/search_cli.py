@@ -100,7 +100,7 @@ def search(query, index_dir, video, query_features, query_id, top, candidates, s
                 arrays = load_split(split_dir)
             except FeatureFormatError as exc:
                 raise SearchError(f"{split_dir}: features fail validation: {exc.problems[0]}") from exc
-            idx.check_features(arrays.meta, split_dir)
+            idx.check_features(split_dir)
             rows = list(range(len(arrays.text_ids)))
             if query_id:
                 where = {t: i for i, t in enumerate(arrays.text_ids)}
