@@ -30,3 +30,15 @@ def tiny_copy(tiny_features, tmp_path) -> Path:
     dst = tmp_path / "sim-tiny"
     shutil.copytree(tiny_features, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a test module of tiny training runs: they gain nothing from a second thread,
+    and two spinning threads on a shared 2-core machine can make a step ten times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

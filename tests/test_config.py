@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import click
 import pytest
@@ -17,10 +18,13 @@ from click.testing import CliRunner
 
 from tmass.cli import main
 from tmass.evaluate.scores import EvalConfig
-from tmass.train.config import cli_fields, field_choices, field_default
+from tmass.train import losses as registry
+from tmass.train.config import cli_fields, field_choices, field_default, setting
 from tmass.train.heads.xpool import RADII, HeadConfig
-from tmass.train.losses import loss_class, loss_names
+from tmass.train.losses import Loss, loss_class, loss_names
 from tmass.train.trainer import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(command) -> dict[str, click.Parameter]:
@@ -154,3 +158,28 @@ def test_a_setting_of_another_loss_is_refused(tiny_features, tmp_path):
                                        "--margin", "0.1"])
     assert result.exit_code != 0
     assert "--margin is a setting of loss triplet-hn, not of --loss infonce" in result.output
+
+
+@dataclasses.dataclass(frozen=True)
+class _PluginConfig:
+    margin: float = setting(0.5, help="Its own margin.")
+    lr: float = setting(0.1, help="A loss setting named like a training setting.")
+
+
+class _PluginLoss(Loss):
+    name = "plugin"
+    Config = _PluginConfig
+
+
+def test_a_setting_shared_by_losses_is_one_option_and_a_clash_gets_a_prefix(monkeypatch, tiny_features):
+    from tmass.train import cli as train_cli
+
+    monkeypatch.setattr(registry, "_plugins", lambda: {"plugin": SimpleNamespace(name="plugin", load=lambda: _PluginLoss)})
+    fields = train_cli._config_fields()
+    assert fields["margin"] == ("loss", "margin", [("triplet-hn", loss_class("triplet-hn").Config), ("plugin", _PluginConfig)])
+    assert fields["loss_lr"] == ("loss", "lr", [("plugin", _PluginConfig)]) and fields["lr"][0] == "train"
+    options = {o.name: o for o in train_cli._derived_options()}
+    assert options["margin"].default is None and options["margin"].show_default == "triplet-hn: 0.2; plugin: 0.5"
+    assert options["loss_lr"].opts == ["--loss-lr"]
+    _, cfg, _ = train_cli._configs(tiny_features, None, {"loss": "plugin", "loss_lr": 0.3, "lr": 1e-3}, resume=False)
+    assert cfg.lr == 1e-3 and cfg.loss_options == {"margin": 0.5, "lr": 0.3}

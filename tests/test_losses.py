@@ -21,14 +21,7 @@ from tmass.train.losses.infonce import InfoNCE, symmetric_infonce
 from tmass.train.losses.triplet import TripletHN, max_violation_triplet
 from tmass.train.trainer import TrainConfig, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(video_rows, dim=4) -> Batch:

@@ -22,25 +22,25 @@ def _head_configs() -> dict[str, type]:
     return {name: head_spec(name).config for name in head_names()}
 
 
-def _config_fields() -> dict[str, tuple[str, list[tuple[str, type]]]]:
-    """Option field name -> (section, [(owner, config class), ...]): every setting of
+def _config_fields() -> dict[str, tuple[str, str, list[tuple[str, type]]]]:
+    """Option -> (section, field, [(owner, config class), ...]): every setting of
     TrainConfig, of each registered head's config and each registered loss's config.
     Sections are "train", "head" and "loss" (the loss's fields go to
-    ``TrainConfig.loss_options``). A loss field named like a train or head setting is
-    offered as ``--loss-NAME``."""
+    ``TrainConfig.loss_options``). A head or loss field named like a setting of another
+    section is offered as ``--head-NAME`` or ``--loss-NAME``."""
     from tmass.train.config import cli_fields
     from tmass.train.losses import loss_class, loss_names
     from tmass.train.registry import CONFIG_FIELDS
     from tmass.train.trainer import TrainConfig
 
-    fields = {name: ("train", [("", TrainConfig)]) for name in cli_fields(TrainConfig)}
+    fields = {name: ("train", name, [("", TrainConfig)]) for name in cli_fields(TrainConfig)}
     for section, configs in (("head", _head_configs()), ("loss", {n: loss_class(n).Config for n in loss_names()})):
         for owner, cls in configs.items():
             for name in cli_fields(cls):
                 if section == "head" and name in CONFIG_FIELDS:  # set from the features
                     continue
                 option = name if fields.get(name, (section,))[0] == section else f"{section}_{name}"
-                fields.setdefault(option, (section, []))[1].append((owner, cls))
+                fields.setdefault(option, (section, name, []))[2].append((owner, cls))
     return fields
 
 
@@ -49,13 +49,7 @@ def _derived_options() -> list[click.Option]:
 
     head = click.Option(["--head"], type=click.Choice(list(_head_configs())), default=DEFAULT_HEAD,
                         show_default=True, help="Registered head to train.")
-    return [head] + options_for({name: owners for name, (_, owners) in _config_fields().items()})
-
-
-def _field(option: str, owners: list[tuple[str, type]]) -> str:
-    """The config field an option sets (``loss_margin`` may set a loss's ``margin``)."""
-    names = {f.name for f in dataclasses.fields(owners[0][1])}
-    return option if option in names else option.split("_", 1)[1]
+    return [head] + options_for({option: (field, owners) for option, (_, field, owners) in _config_fields().items()})
 
 
 @click.command(cls=DerivedOptionsCommand, derive=_derived_options)
@@ -146,8 +140,8 @@ def _configs(features: Path | None, config_file: Path | None, given: dict, resum
             if resume and value != sections["head"].get("head"):
                 conflicts.append(f"--head {value} (run: {sections['head'].get('head')})")
             continue
-        section, owners = fields[option]
-        field, chosen = _field(option, owners), {"head": head, "loss": loss}.get(section)
+        section, field, owners = fields[option]
+        chosen = {"head": head, "loss": loss}.get(section)
         if chosen is not None and chosen not in dict(owners):
             raise ValueError(f"{option_name(option)} is a setting of {section} {', '.join(dict(owners))}, "
                              f"not of --{section} {chosen}")

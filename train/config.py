@@ -1,8 +1,8 @@
 """Configuration from one source: the config dataclasses.
 
-Every setting is a dataclass field (``TrainConfig``, each head's and each loss's config,
-``EvalConfig``) declared with :func:`setting`: its default, its help text and, where it
-has them, its choices live there and nowhere else. From them come
+Every setting of ``tmass train`` is a dataclass field (``TrainConfig``, each head's and
+each loss's config) declared with :func:`setting`: its default, its help text and, where
+it has them, its choices live there and nowhere else. From them come
 
 * the command-line options (:func:`options_for`): ``lr`` becomes ``--lr``, with the
   field's help, choices and default;
@@ -13,7 +13,12 @@ has them, its choices live there and nowhere else. From them come
 * :func:`build_config`: a config from plain values (a file's, the command line's), each
   checked against its field's type and choices.
 
-Torch-free: the command line reads these without loading a model.
+``tmass eval`` and ``tmass ablate`` keep their own options; tests/test_config.py holds
+their defaults and choices equal to ``EvalConfig``'s and ``TrainConfig``'s.
+
+This module is torch-free. Configs that live beside torch code are read when a command
+first needs its options (:class:`DerivedOptionsCommand`), so ``tmass --help`` loads no
+model code.
 """
 
 from __future__ import annotations
@@ -143,16 +148,16 @@ def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def options_for(entries: dict[str, list[tuple[str, type]]]) -> list[click.Option]:
-    """Click options for config fields: ``{field name: [(owner, config class), ...]}``,
-    where several owners (heads, losses) may declare a field of the same name and
-    ``owner`` is "" for the command's own config. An option's default is its field's;
-    where owners' defaults differ it is None and the help lists each. Whether a value
-    was given is :func:`given_options`' business, not the default's."""
+def options_for(entries: dict[str, tuple[str, list[tuple[str, type]]]]) -> list[click.Option]:
+    """Click options for config fields: ``{option: (field, [(owner, config class), ...])}``
+    (the option is usually the field's name), where several owners (heads, losses) may
+    declare a field of the same name and ``owner`` is "" for the command's own config.
+    An option's default is its field's; where owners' defaults differ it is None and the
+    help lists each. Whether a value was given is :func:`given_options`' business."""
     options = []
-    for name, owners in entries.items():
-        f = {g.name: g for g in dataclasses.fields(owners[0][1])}[name]
-        defaults = {owner: field_default({g.name: g for g in dataclasses.fields(cls)}[name]) for owner, cls in owners}
+    for name, (field, owners) in entries.items():
+        f = {g.name: g for g in dataclasses.fields(owners[0][1])}[field]
+        defaults = {owner: field_default({g.name: g for g in dataclasses.fields(cls)}[field]) for owner, cls in owners}
         default = next(iter(defaults.values()))
         show = True
         if any(d != default for d in defaults.values()):
@@ -160,7 +165,7 @@ def options_for(entries: dict[str, list[tuple[str, type]]]) -> list[click.Option
         help_text = f.metadata.get("help", "")
         if owners[0][0]:
             help_text = f"[{', '.join(o for o, _ in owners)}] {help_text}"
-        kind, choices = field_type(owners[0][1], name), field_choices(f)
+        kind, choices = field_type(owners[0][1], field), field_choices(f)
         if kind is bool:
             decls = [f"{option_name(name)}/--no-{name.replace('_', '-')}", name]
             options.append(click.Option(decls, default=default, help=help_text, show_default=show))
