@@ -12,8 +12,16 @@ use this for a tiny architecture). ``pretrained`` is one of:
 * a local checkpoint file (open_clip or OpenAI format); its SHA-256 is recorded.
 * ``none``: random initialisation (seeded, so every process builds identical weights),
   for tests and offline plumbing runs; logged loudly and flagged ``random_init``.
-* ``auto``: the demo's choice only: ``openai`` if loadable, else random init, labelled
-  as such in every output.
+* ``auto``: the demo's choice only: ``openai`` weights for ``model`` if loadable, else
+  the demo encoder (:mod:`tmass.extract.demo_encoder`: a small CLIP this project trained
+  on rendered shapes, with its own architecture ``tmass-demo``), labelled as such in
+  every output.
+
+A checkpoint written by :mod:`tmass.extract.demo_encoder` always loads with its own
+config ``tmass-demo`` (the name resolves like any open_clip model), whatever ``model``
+says: it fits no other architecture. :attr:`Encoder.label` says in words what encoded
+the features (random init, a pretrained tag, a checkpoint and its SHA-256, or the demo
+encoder).
 
 Embeddings are returned as CLIP computes them (not L2-normalised), in float32. On a GPU
 the forward passes run under float16 autocast; everything runs in ``inference_mode``.
@@ -30,11 +38,13 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from tmass.extract import demo_encoder
+
 log = logging.getLogger("tmass.extract")
 
 AUTO = "auto"
 NONE = "none"
-AUTO_TAG = "openai"  # what `auto` tries before falling back to random init
+AUTO_TAG = "openai"  # what `auto` tries before falling back to the demo encoder
 PROBE_TIMEOUT_S = 3.0
 OFFLINE_HELP = (
     "To run offline pass --pretrained none (random init: plumbing and tests only, the "
@@ -53,7 +63,7 @@ class Encoder:
     """A loaded open_clip model with its own preprocessing and tokenizer.
 
     ``weights`` is what was actually loaded: a tag, a checkpoint path or ``none``
-    (for ``auto`` it tells which way the choice went)."""
+    (for ``auto`` it tells which way the choice went); ``label`` says it in words."""
 
     model: object
     preprocess: object  # PIL image -> [3, image_size, image_size] float32, the model's own
@@ -68,6 +78,7 @@ class Encoder:
     checkpoint_sha256: str | None = None
     model_config: dict = field(default_factory=dict)
     preprocess_cfg: dict = field(default_factory=dict)
+    label: str = ""
 
     def _autocast(self):
         import contextlib
@@ -114,6 +125,8 @@ def register_model(model: str) -> tuple[str, dict]:
     import open_clip
     from open_clip.factory import add_model_config, get_model_config
 
+    if model == demo_encoder.NAME:
+        demo_encoder.register()
     if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():
@@ -195,16 +208,24 @@ def load_encoder(model: str, pretrained: str, device: str = "auto", seed: int = 
             fetch_pretrained(name, AUTO_TAG)
             weights = AUTO_TAG
         except EncoderError as exc:
-            log.warning("--pretrained auto: %s weights not loadable (%s); using a RANDOM-INIT encoder", AUTO_TAG, exc)
-            weights = NONE
+            log.warning("--pretrained auto: %s weights not loadable (%s); using the %s", AUTO_TAG, exc, demo_encoder.LABEL)
+            weights = str(demo_encoder.CHECKPOINT)
     elif Path(pretrained).is_file():
         weights = pretrained
-        sha256 = sha256_file(Path(pretrained))
     elif _looks_like_path(pretrained):
         raise EncoderError(f"checkpoint file {pretrained} does not exist. {OFFLINE_HELP}")
     else:
         fetch_pretrained(name, pretrained)
         weights = pretrained
+    if weights == NONE:
+        label = f"{name}, RANDOM-INIT (no pretrained knowledge)"
+    elif Path(weights).is_file():
+        sha256 = sha256_file(Path(weights))
+        label = demo_encoder.label_of(Path(weights)) or f"{name}, checkpoint {Path(weights).name} (sha256 {sha256[:12]})"
+        if label == demo_encoder.LABEL and name != demo_encoder.NAME:
+            name, config = register_model(demo_encoder.NAME)
+    else:
+        label = f"{name}, open_clip pretrained weights {weights!r}"
 
     # Seeded so that every process (dask workers, a resumed run) builds identical random
     # weights; fork_rng keeps the caller's global RNG untouched.
@@ -230,6 +251,7 @@ def load_encoder(model: str, pretrained: str, device: str = "auto", seed: int = 
         checkpoint_sha256=sha256,
         model_config=config,
         preprocess_cfg=dict(clip.visual.preprocess_cfg),
+        label=label,
     )
 
 
