@@ -284,7 +284,7 @@ def verify_query_encoder(encoder, arrays: SplitArrays, data_root) -> dict:
 
 
 def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data_root: Path | None = None,
-                model: str | None = None, config: IndexConfig | None = None, progress: bool = True) -> dict:
+                model: str | None = None, config: IndexConfig | None = None) -> dict:
     """Write an index of ``split_dir`` into ``out``; returns its ``index.json`` contents.
     Warnings (things not checkable) are in ``info["warnings"]``."""
     from tmass.extract.encoder import EncoderError, get_encoder
@@ -313,7 +313,7 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
     model_cfg = None
     check = {"status": "unchecked", "reason": "simulated features have no encoder"}
     if meta.source == "open_clip":
-        name, model_cfg = _model_config(meta, model)
+        _, model_cfg = _model_config(meta, model)
         try:
             encoder = get_encoder(model or meta.model, identity["weights"], "cpu", identity.get("seed") or meta.extra.get("seed") or 0)
             check = verify_query_encoder(encoder, arrays, data_root or meta.extra.get("data_root"))
