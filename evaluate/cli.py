@@ -109,6 +109,8 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
         n_video=len(arrays.video_ids),
         head=head.cfg.head,
         selection=info.get("selection", "unknown"),
+        checkpoint_epoch=info.get("epoch"),
+        encoder=arrays.meta.encoder_label(),
         features_manifest_sha256=arrays.manifest_sha256,
         checkpoint=str(checkpoint),
         checkpoint_sha256=sha256_file(checkpoint),
@@ -120,6 +122,7 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
     click.echo(f"{head.cfg.head} on {split_dir} ({report['n_text']} captions x {report['n_video']} videos), "
                f"protocol {report['protocol']}, trials {trials}, noise {noise}, selection {report['selection']}, "
                f"{elapsed:.1f} s")
+    click.echo(f"encoder: {report['encoder']}")
     click.echo(_table(report))
     if save_sims:
         save_sims.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +141,7 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
         point = score_split(head, arrays, dataclasses.replace(config, trials=0))
         written = plot_similarity_analysis(point, scores, arrays.text_to_video, figures / "similarity-analysis.png",
                                            f"Fig. 5 analysis, {checkpoint}: text t vs selected t_s (M = {trials}), "
-                                           f"protocol {report['protocol']}")
+                                           f"protocol {report['protocol']}; encoder: {report['encoder']}")
         click.echo(f"figure {written}")
     elif figures:
         click.echo("no Fig. 5 analysis: it needs a T-MASS head and --trials > 0", err=True)

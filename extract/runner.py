@@ -381,6 +381,7 @@ def build_meta(data: SplitData, encoder: Encoder, config: ExtractConfig) -> Feat
         source="open_clip",
         extra={
             "weights": encoder.weights,
+            "encoder_label": encoder.label,
             "short_clip_policy": SHORT_CLIP_POLICY,
             "decoder": f"{DECODER} {decord.__version__}",
             "preprocess": encoder.preprocess_cfg,

@@ -99,6 +99,16 @@ class FeatureMeta:
     source: str = "open_clip"
     extra: dict = field(default_factory=dict)
 
+    def encoder_label(self) -> str:
+        """What encoded these features, in words, for every output to carry: the label
+        extraction recorded (``extra['encoder_label']``: random init, a pretrained tag, a
+        checkpoint and its SHA-256, or the demo encoder), else one built from the fields."""
+        if self.extra.get("encoder_label"):
+            return self.extra["encoder_label"]
+        if self.random_init:
+            return f"{self.model}, RANDOM-INIT (no pretrained knowledge)"
+        return f"{self.model}, weights {self.extra.get('weights', self.pretrained)}"
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 

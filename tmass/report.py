@@ -25,10 +25,7 @@ def _split_lines(evals: list[dict]) -> list[str]:
         except FeatureFormatError as exc:
             lines.append(f"{line}; encoder unknown ({exc.problems[0]})")
             continue
-        weights = meta.extra.get("weights", meta.pretrained)
-        line += f"; encoder {meta.model}, weights {weights}" + (f" (--pretrained {meta.pretrained})" if weights != meta.pretrained else "")
-        if meta.extra.get("encoder_label"):
-            line += f": {meta.extra['encoder_label']}"
+        line += f"; encoder: {meta.encoder_label()} (--pretrained {meta.pretrained})"
         if meta.random_init:
             line += (" -- RANDOM-INIT ENCODER: the features carry no pretrained knowledge, so these numbers "
                      "test the pipeline, not the method")
