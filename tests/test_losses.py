@@ -122,7 +122,7 @@ def test_a_plugin_loss_by_entry_point_trains(monkeypatch, tiny_features, tmp_pat
     """An entry point in group tmass.losses adds a loss without touching tmass."""
     entry_point = SimpleNamespace(name="mean-margin", load=lambda: _Margin)
     monkeypatch.setattr(registry, "_plugins", lambda: {"mean-margin": entry_point})
-    assert loss_names() == ("infonce", "triplet-hn", "mean-margin")
+    assert loss_names()[:2] == ("infonce", "triplet-hn") and loss_names()[-1] == "mean-margin"
     cfg = TrainConfig(epochs=1, lr=1e-3, val_fraction=0.0, final_eval=False, loss="mean-margin",
                       loss_options={"weight": 0.5})
     train(tiny_features, tmp_path / "run", cfg, HeadConfig(head="xpool"), progress=False)

@@ -152,8 +152,9 @@ def options_for(entries: dict[str, tuple[str, list[tuple[str, type]]]]) -> list[
     """Click options for config fields: ``{option: (field, [(owner, config class), ...])}``
     (the option is usually the field's name), where several owners (heads, losses) may
     declare a field of the same name and ``owner`` is "" for the command's own config.
-    An option's default is its field's; where owners' defaults differ it is None and the
-    help lists each. Whether a value was given is :func:`given_options`' business."""
+    The help gives each distinct help text with the owners that give it. An option's
+    default is its field's; where owners' defaults differ it is None and the help lists
+    each. Whether a value was given is :func:`given_options`' business."""
     options = []
     for name, (field, owners) in entries.items():
         f = {g.name: g for g in dataclasses.fields(owners[0][1])}[field]
@@ -162,9 +163,11 @@ def options_for(entries: dict[str, tuple[str, list[tuple[str, type]]]]) -> list[
         show = True
         if any(d != default for d in defaults.values()):
             default, show = None, "; ".join(f"{o}: {_show(d)}" for o, d in defaults.items())
-        help_text = f.metadata.get("help", "")
-        if owners[0][0]:
-            help_text = f"[{', '.join(o for o, _ in owners)}] {help_text}"
+        helps = {}  # help text -> the owners that give it
+        for owner, cls in owners:
+            g = {g.name: g for g in dataclasses.fields(cls)}[field]
+            helps.setdefault(g.metadata.get("help", ""), []).append(owner)
+        help_text = " ".join(f"[{', '.join(o)}] {h}" if o[0] else h for h, o in helps.items())
         kind, choices = field_type(owners[0][1], field), field_choices(f)
         if kind is bool:
             decls = [f"{option_name(name)}/--no-{name.replace('_', '-')}", name]
