@@ -43,7 +43,7 @@ from tmass.train.losses import (
     DEFAULT_LOSS, LOSS_TERMS, POOLING_PATHS, SUPPORT_VIDEOS, batch_losses, build_loss, loss_names, parse_loss_terms,
 )
 from tmass.train.registry import build_head, config_from_dict
-from tmass.train.runs import lock_run
+from tmass.train.runs import lock_run, mark_run
 
 CHECKPOINT_VERSION = 1
 SELECTION_LABELS = {
@@ -363,6 +363,15 @@ def _r1(metrics: dict) -> float:
     return float(metrics["t2v"]["R1"])
 
 
+def _chosen(best: dict | None, cfg: TrainConfig) -> str:
+    """Which state best.pt holds and what chose it, in one sentence (train.log, metrics.json)."""
+    if best is None:
+        return f"best.pt is the last state ({cfg.selection})"
+    where = f"{best['captions']} captions x {best['videos']} videos" if "captions" in best else best["split"]
+    return (f"best.pt is epoch {best['epoch']:g} of {cfg.epochs} (step {best['step']}), chosen by t2v R@1 "
+            f"{best['R1']:.2f} on {best['split']} ({where}; {cfg.selection})")
+
+
 def train(
     features: Path,
     out: Path,
@@ -417,12 +426,13 @@ def train(
         "features_identity": identity,
         "software_version": __version__,
         "selection": cfg.selection,
+        "encoder": train_arrays.meta.encoder_label(),
         "pairs": {"train": len(fit_arrays.text_ids), "val": len(val_arrays.text_ids) if val_split == "val" else 0},
     }
 
     trainer = Trainer(cfg, head_cfg, PairData(fit_arrays, device), device)
     run = {"features_manifest_sha256": hashes, "features_identity": identity, "selection": cfg.selection, "best": None}
-    out.mkdir(parents=True, exist_ok=True)
+    mark_run(out, "train")  # refuses a report or sweep directory
     lock = lock_run(out)  # until this function returns; a second process is refused
     try:
         if resume:
@@ -452,7 +462,9 @@ def train(
                         "split": val_split, "selection": cfg.selection, "best": best, **metrics})
             log.say(f"step {trainer.step_count}: {val_split} t2v R@1 {_r1(metrics):.2f}" + (" (best)" if best else ""))
             if best:
-                run["best"] = {"R1": _r1(metrics), "step": trainer.step_count, "split": val_split, "metrics": metrics}
+                run["best"] = {"R1": _r1(metrics), "step": trainer.step_count, "split": val_split, "metrics": metrics,
+                               "epoch": trainer.step_count / trainer.steps_per_epoch,
+                               "captions": len(val_arrays.text_ids), "videos": len(val_arrays.video_ids)}
                 save_checkpoint(out / "best.pt", trainer, run, full=False)
 
         def checkpoint(best_too: bool = val_split is None) -> None:
@@ -485,8 +497,10 @@ def train(
             if epoch_loss:
                 log.say(f"epoch {epoch + 1}: mean loss {sum(epoch_loss) / len(epoch_loss):.4f} over {len(epoch_loss)} steps")
 
-        metrics = {"selection": cfg.selection, "steps": trainer.step_count, "best": run["best"],
+        metrics = {"selection": cfg.selection, "chosen": _chosen(run["best"], cfg), "encoder": config["encoder"],
+                   "steps": trainer.step_count, "best": run["best"],
                    "train_seconds_this_session": round(time.perf_counter() - started, 2)}
+        log.say(metrics["chosen"])
         if cfg.final_eval:
             best_head, best_ckpt = load_checkpoint(out / "best.pt", device)
             metrics["test"] = _evaluate(evaluate, best_head, test_arrays, cfg.eval_trials, cfg.seed, device)
