@@ -49,15 +49,23 @@ class _LeakyHead(RetrievalHead):
         return F.normalize(t, dim=-1) @ F.normalize(video.frames.mean(1), dim=-1).T
 
 
+class _BrokenHead(_LeakyHead):
+    def score(self, text, video, eps=None):
+        raise RuntimeError("scores of the wrong shape")
+
+
 LEAKY = HeadSpec("leaky", "Leaky toy", _LeakyConfig, _LeakyHead)
+BROKEN = HeadSpec("broken", "Broken toy", _LeakyConfig, _BrokenHead)
 
 
 def test_a_leaky_head_fails_check_head_and_is_named(monkeypatch):
     monkeypatch.setitem(registry.HEADS, "leaky", f"{__name__}:LEAKY")
-    result = CliRunner().invoke(main, ["check-head", "leaky"])
+    monkeypatch.setitem(registry.HEADS, "broken", f"{__name__}:BROKEN")
+    result = CliRunner().invoke(main, ["check-head", "leaky", "broken"])
     assert result.exit_code == 1, result.output
     assert "FAIL  sizes" in result.output and "FAIL  chunks" in result.output
-    assert "leaky: sizes; leaky: chunks" in result.output  # the closing line names what failed
+    assert "leaky: sizes; leaky: chunks; broken: runs" in result.output  # the closing line names what failed
+    assert "RuntimeError: scores of the wrong shape" in result.output and "Traceback" not in result.output
     unknown = CliRunner().invoke(main, ["check-head", "nonesuch"])
     assert unknown.exit_code == 2 and "registered: " in unknown.output
 

@@ -175,7 +175,10 @@ def check_head_command(names, seed):
     failed = []
     for name in names or known:
         click.echo(f"{name} ({display_name(name)}): dim {DIM}, {FRAMES} frames, seed {seed}")
-        results = check_head(name, seed)
+        try:
+            results = check_head(name, seed)
+        except Exception as exc:  # a head that cannot be built or scored fails; the other heads still run
+            results = [Result("runs", False, f"building or scoring it raised {type(exc).__name__}: {exc}")]
         for r in results:
             click.echo(f"  {'PASS' if r.ok else 'FAIL'}  {r.name:22} {r.detail}")
         bad = [r.name for r in results if not r.ok]

@@ -39,8 +39,30 @@ LOGIT_SCALE_MAX = 100.0  # CLIP's cap on exp(logit_scale); X-Pool and T-MASS kee
 PRIORS = ("uniform", "normal")
 
 
+class _Features:
+    """What TextFeatures and VideoFeatures share: dataclasses of tensors whose first axis
+    is the item (query or video), sliced and moved together."""
+
+    def __len__(self) -> int:
+        return getattr(self, dataclasses.fields(self)[0].name).shape[0]
+
+    def __getitem__(self, rows):
+        """The items ``rows`` (a slice or an index tensor)."""
+        return dataclasses.replace(self, **{name: value[rows] for name, value in self._tensors()})
+
+    def to(self, device):
+        """On ``device``, float tensors as float32 (masks stay bool)."""
+        return dataclasses.replace(self, **{
+            name: value.to(device, torch.float32) if value.is_floating_point() else value.to(device)
+            for name, value in self._tensors()
+        })
+
+    def _tensors(self):
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
 @dataclass
-class TextFeatures:
+class TextFeatures(_Features):
     """The queries' features. embedding ``[n_text, dim]`` (every head); tokens
     ``[n_text, n_token, dim]`` and token_mask ``[n_text, n_token]`` (heads that declare
     ``word_tokens``; None otherwise)."""
@@ -49,20 +71,9 @@ class TextFeatures:
     tokens: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
 
-    def __len__(self) -> int:
-        return self.embedding.shape[0]
-
-    def __getitem__(self, rows) -> TextFeatures:
-        """The queries ``rows`` (a slice or an index tensor)."""
-        return _select(self, rows)
-
-    def to(self, device) -> TextFeatures:
-        """On ``device``, float tensors as float32 (masks stay bool)."""
-        return _moved(self, device)
-
 
 @dataclass
-class VideoFeatures:
+class VideoFeatures(_Features):
     """The videos' features. frames ``[n_video, n_frames, dim]`` and frame_mask
     ``[n_video, n_frames]`` (True: a real frame; None: all real); patches
     ``[n_video, n_frames, n_patch, dim]`` (heads that declare ``patch_tokens``)."""
@@ -70,32 +81,6 @@ class VideoFeatures:
     frames: torch.Tensor
     frame_mask: torch.Tensor | None = None
     patches: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.frames.shape[0]
-
-    def __getitem__(self, rows) -> VideoFeatures:
-        """The videos ``rows`` (a slice or an index tensor)."""
-        return _select(self, rows)
-
-    def to(self, device) -> VideoFeatures:
-        """On ``device``, float tensors as float32 (masks stay bool)."""
-        return _moved(self, device)
-
-
-def _select(features, rows):
-    return dataclasses.replace(features, **{
-        f.name: getattr(features, f.name)[rows] for f in dataclasses.fields(features) if getattr(features, f.name) is not None
-    })
-
-
-def _moved(features, device):
-    def move(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device, torch.float32) if x.is_floating_point() else x.to(device)
-
-    return dataclasses.replace(features, **{
-        f.name: move(getattr(features, f.name)) for f in dataclasses.fields(features) if getattr(features, f.name) is not None
-    })
 
 
 # feature a head may declare (tmass.train.registry.FEATURES) -> the SplitArrays fields
