@@ -33,6 +33,14 @@ def _split_lines(evals: list[dict]) -> list[str]:
     return lines
 
 
+def _chosen(run: Path, data: dict) -> str:
+    """Which checkpoint was evaluated and what chose it: the run's own sentence
+    (metrics.json), else the selection label of eval.json."""
+    metrics = run / "metrics.json"
+    chosen = json.loads(metrics.read_text()).get("chosen") if metrics.is_file() else None
+    return chosen or data.get("selection", "unknown")
+
+
 @click.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -66,12 +74,12 @@ def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
         data = json.loads(path.read_text())
         evals.append(data)
         rows.append({"run": str(run), "head": display_name(data["head"]), "protocol": data["protocol"], "trials": data["trials"],
-                     "selection": data.get("selection", "unknown"),
+                     "selection": _chosen(run, data),
                      **{f"t2v_{k}": data["t2v"][k] for k in ("R1", "R5", "R10", "MdR", "MnR")},
                      **{f"v2t_{k}": data["v2t"][k] for k in ("R1", "R5", "R10", "MdR", "MnR")}})
         if (run / "log.jsonl").is_file():
             click.echo(f"figure {plot_training_curves(run)}")
-    lines = ["| run | head | trials | t2v R@1 | R@5 | R@10 | MdR | MnR | v2t R@1 | R@5 | R@10 | checkpoint selected on |",
+    lines = ["| run | head | trials | t2v R@1 | R@5 | R@10 | MdR | MnR | v2t R@1 | R@5 | R@10 | checkpoint chosen |",
              "|---" * 12 + "|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['head']} | {r['trials']} | {r['t2v_R1']:.1f} | {r['t2v_R5']:.1f} | {r['t2v_R10']:.1f} "
