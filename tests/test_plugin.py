@@ -33,4 +33,4 @@ def test_the_example_plugin_installs_and_passes_check_head(tmp_path):
     assert "best-frame" in tmass("ablate", "--help").stdout
     check = tmass("check-head", "best-frame")
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "best-frame (Best frame)" in check.stdout and "best-frame: all 5 properties hold" in check.stdout
+    assert "best-frame (Best frame: " in check.stdout and "best-frame: all 5 properties hold" in check.stdout

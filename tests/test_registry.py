@@ -111,3 +111,31 @@ def test_every_reader_names_every_head():
     keys = {v.name: v.run_key() for v in SWEEPS["radius"].variants}
     by_display = {v.name: v.run_key() for v in sweep.variants}
     assert by_display["X-Pool"] == keys["w/o R (X-Pool)"] and by_display["T-MASS"] == keys["R = W S + b (linear)"]
+
+
+@pytest.mark.parametrize("name", [n for n in head_names() if "folded-xpool" in head_spec(n).fast_paths])
+def test_training_fast_path_equals_the_heads_own_pooling(name):
+    """The folded X-Pool pooling that training uses gives the losses and gradients of the
+    head's own module (dropout off: the two draw different dropout masks)."""
+    from tmass.train.data import Batch
+    from tmass.train.losses import batch_losses, build_loss
+
+    spec = head_spec(name)
+    torch.manual_seed(0)
+    head = spec.build(spec.make_config(embed_dim=16, num_frames=4, dropout=0.0))
+    with torch.no_grad():  # away from the identity init, so that every folded term matters
+        for param in head.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    g = torch.Generator().manual_seed(1)
+    rows = torch.arange(6)
+    batch = Batch(rows, rows, [f"t{i}" for i in range(6)], torch.randn(6, 16, generator=g) * 4,
+                  torch.randn(6, 4, 16, generator=g) * 4, torch.ones(6, 4, dtype=torch.bool))
+    results = []
+    for path in ("folded", "module"):
+        head.zero_grad()
+        losses = batch_losses(head, batch, build_loss("infonce"), spec.loss_terms,
+                              generator=torch.Generator().manual_seed(0), pooling_path=path)
+        losses["total"].backward()
+        results.append((losses["total"].detach(), torch.cat([p.grad.flatten() for p in head.parameters()])))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=1e-4)

@@ -165,7 +165,7 @@ def check_head_command(names, seed):
     unequal query and gallery sizes, a permuted gallery, chunk sizes, seeds, and each
     fast path against the generic one. Prints one line per property and exits 1 if any
     fails."""
-    from tmass.train.registry import display_name, head_names
+    from tmass.train.registry import head_names, head_spec
 
     known = head_names()
     unknown = [n for n in names if n not in known]
@@ -174,7 +174,9 @@ def check_head_command(names, seed):
                                  param_hint="NAMES")
     failed = []
     for name in names or known:
-        click.echo(f"{name} ({display_name(name)}): dim {DIM}, {FRAMES} frames, seed {seed}")
+        spec = head_spec(name)
+        click.echo(f"{name} ({spec.display}{': ' + spec.summary if spec.summary else ''}): "
+                   f"dim {DIM}, {FRAMES} frames, seed {seed}")
         try:
             results = check_head(name, seed)
         except Exception as exc:  # a head that cannot be built or scored fails; the other heads still run
