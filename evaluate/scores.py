@@ -26,9 +26,11 @@ structureless random features this alone lifts R@1 far above chance.
 
 Two implementations share the noise and are tested equal:
 
-* ``naive``: the head's own modules on [n_text, n_video, ...] chunks and the sampled
+* ``naive``: the head's own ``score`` on [n_text, n_video, ...] chunks and the sampled
   texts materialised as ``[n_text, n_video, trials, dim]``: the reference, kept simple.
-* ``fast``: on CPU, X-Pool's out_proj, LayerNorm affine and residual linear commute
+  It is the generic path: every registered head is scored this way unless it offers a
+  fast path (``HeadSpec.fast_paths``).
+* ``fast``: for heads offering ``folded-xpool`` (X-Pool, T-MASS), on CPU, X-Pool's out_proj, LayerNorm affine and residual linear commute
   with the attention-weighted sum over frames, so the dim x dim products are applied
   once per frame, not once per pair (:class:`FoldedXPool`). Per pair only the attention
   weights (one GEMM for all pairs), two weighted sums over frames, O(n_frames * dim), and
