@@ -32,12 +32,24 @@ def installed_layout(dest: Path) -> Path:
     return dest
 
 
-def test_the_stages_depend_one_way(tmp_path):
-    layout = installed_layout(tmp_path / "src")
-    lint = subprocess.run(
+def lint(layout: Path) -> subprocess.CompletedProcess:
+    """import-linter with setup.cfg's contracts, on the package laid out in ``layout``."""
+    return subprocess.run(
         [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
          str(ROOT / "setup.cfg"), "--no-cache"],
         cwd=layout, capture_output=True, text=True, env={"PATH": "", "PYTHONPATH": str(layout)},
     )
-    assert lint.returncode == 0, lint.stdout + lint.stderr
-    assert "Contracts: 2 kept, 0 broken" in lint.stdout, lint.stdout
+
+
+def test_the_stages_depend_one_way(tmp_path):
+    result = lint(installed_layout(tmp_path / "src"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 2 kept, 0 broken" in result.stdout, result.stdout
+
+
+def test_an_import_against_the_layers_is_caught(tmp_path):
+    layout = installed_layout(tmp_path / "src")
+    data = layout / "tmass" / "train" / "data.py"
+    data.write_text(data.read_text() + "\nimport tmass.evaluate.metrics  # validation from below: not allowed\n")
+    result = lint(layout)
+    assert result.returncode == 1 and "tmass.train is not allowed to import tmass.evaluate" in result.stdout, result.stdout
