@@ -57,19 +57,24 @@ class _TqdmHandler(logging.Handler):
               help="Seeds random frame sampling and random-init weights.")
 @click.option("--caption-field", type=click.Choice(CHARADES_FIELDS), default=None,
               help="charades only: the column used as caption. [default: script]")
+@click.option("--overwrite", is_flag=True,
+              help="Replace split directories that hold features made otherwise, each as a whole.")
 @click.option("-v", "--verbose", is_flag=True, help="Log per-batch timings to the console too.")
 def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampling, batch_size, shard_size,
-            workers, scheduler, device, loader_workers, seed, caption_field, verbose):
+            workers, scheduler, device, loader_workers, seed, caption_field, overwrite, verbose):
     """Encode a dataset's videos and captions with a frozen open_clip model.
 
     Re-running the same command resumes: complete partitions are kept, the rest is
-    extracted. Unreadable videos and unusable captions are skipped and listed in the
+    extracted. A split directory holding features made otherwise (other model, weights,
+    checkpoint contents, frames, preprocessing, or simulated) is refused untouched;
+    --overwrite replaces it. Unreadable videos and unusable captions are skipped and listed in the
     manifest's `failed`. Exit status: 0 all inputs encoded, 3 some were skipped, 1 error.
     Each split directory also gets extract-config.json and extract.log (per-batch timings).
     """
     from tmass.extract.datasets import LayoutError, load_split
     from tmass.extract.encoder import AUTO, EncoderError, get_encoder
-    from tmass.extract.runner import SplitDirError, dask_distributor, extract_split, run_sequential, share_cores
+    from tmass.extract.runner import check_out, dask_distributor, extract_split, run_sequential, share_cores
+    from tmass.features.format import FeatureWriteError, SplitDirError
 
     log = logging.getLogger("tmass.extract")
     log.setLevel(logging.DEBUG)
@@ -93,15 +98,18 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
         splits = [load_split(dataset, data_root, s, caption_field) for s in (SPLITS if split == "all" else [split])]
         # the driver's copy only supplies metadata when dask workers do the encoding
         encoder = get_encoder(model, pretrained, "cpu" if distributed else device, seed)
-    except (LayoutError, EncoderError, ValueError) as exc:
+        if not overwrite:
+            check_out(splits, config, out, encoder)
+    except (LayoutError, EncoderError, ValueError, SplitDirError) as exc:
         raise click.ClickException(str(exc)) from exc
 
     reports = []
     try:
         with dask_distributor(workers, scheduler) if distributed else nullcontext(run_sequential) as distributor:
             for data in splits:
-                reports.append(extract_split(data, share_cores(config, workers), out, encoder, distributor))
-    except SplitDirError as exc:
+                reports.append(extract_split(data, share_cores(config, workers), out, encoder, distributor,
+                                             overwrite=overwrite))
+    except (SplitDirError, FeatureWriteError, EncoderError) as exc:
         raise click.ClickException(str(exc)) from exc
 
     for report in reports:

@@ -258,12 +258,23 @@ def load_encoder(model: str, pretrained: str, device: str = "auto", seed: int = 
 _CACHE: dict[tuple, Encoder] = {}
 
 
+def _file_state(path: str) -> tuple | None:
+    """What changes when a file is replaced or rewritten in place (None: not a file)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def get_encoder(model: str, pretrained: str, device: str = "auto", seed: int = 0) -> Encoder:
     """:func:`load_encoder`, memoised per process: a dask worker loads its model once and
-    reuses it for every partition it runs."""
-    key = (model, pretrained, resolve_device(device), seed)
+    reuses it for every partition it runs, until the checkpoint or model-config file
+    changes on disk (a long-lived worker must not keep encoding with replaced weights)."""
+    files = (_file_state(model), _file_state(pretrained))
+    key = (model, pretrained, resolve_device(device), seed, files)
     if key not in _CACHE:
         encoder = load_encoder(model, pretrained, device, seed)
         # runners ask for what `auto` resolved to: the same model, not a second copy
-        _CACHE[key] = _CACHE[(model, encoder.weights, *key[2:])] = encoder
+        _CACHE[key] = _CACHE[(model, encoder.weights, *key[2:4], (files[0], _file_state(encoder.weights)))] = encoder
     return _CACHE[key]

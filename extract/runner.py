@@ -21,17 +21,24 @@ A partition whose two shards exist is complete (its json exists too, being writt
 first): a re-run skips it and rereads its records and failures, unless its inputs changed
 since (the annotation was edited), in which case it is extracted again. The manifest is
 written last, once every partition is complete, so a killed run leaves no manifest and
-no partial shard; ``extract-config.json`` pins the settings a resume must share.
+no partial shard. :func:`~tmass.features.format.writing_split` holds the directory: one
+run at a time, and a resume must share the first run's features metadata (encoder,
+checkpoint SHA-256, model config, preprocessing, ...) and the settings in
+:data:`IDENTITY`; ``extract-config.json`` records the whole configuration.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -43,32 +50,32 @@ import numpy as np
 from tqdm import tqdm
 
 from tmass.extract.datasets import Caption, SplitData, Video
-from tmass.extract.encoder import Encoder, get_encoder, precision_for, resolve_device
+from tmass.extract.encoder import Encoder, EncoderError, get_encoder, precision_for, resolve_device
 from tmass.extract.video import DECODER, SHORT_CLIP_POLICY, VideoError, read_frames
 from tmass.features.format import (
     FeatureMeta,
     ShardRecord,
-    _commit,
-    _tmp_name,
+    check_split_dir,
     model_tag,
     read_shard_record,
     shard_name,
+    write_json_atomic,
     write_manifest,
     write_text_shard,
     write_video_shard,
+    writing_split,
 )
 
 log = logging.getLogger("tmass.extract")
 
 CONFIG_FILE = "extract-config.json"
 LOG_FILE = "extract.log"
-LOCK_FILE = ".extract.lock"
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Settings of one extraction run (defaults: the papers' protocol). The fields in
-    :data:`IDENTITY` shape the features; a resumed run must share them."""
+    """Settings of one extraction run (defaults: the papers' protocol). A resumed run
+    must share the features' metadata they lead to and the fields in :data:`IDENTITY`."""
 
     dataset: str = "demo"
     model: str = "ViT-B-32"
@@ -84,7 +91,9 @@ class ExtractConfig:
     torch_threads: int | None = None  # None: torch's default
 
 
-IDENTITY = ("dataset", "model", "pretrained", "num_frames", "sampling", "seed", "shard_size", "caption_field")
+# What a resume must share beyond the features' metadata (which pins dataset, encoder,
+# weights, frames, sampling and seed): the partitioning and the captions read.
+IDENTITY = ("shard_size", "caption_field")
 
 
 @dataclass(frozen=True)
@@ -121,15 +130,6 @@ def inputs_digest(videos: Iterable[Video], captions: Iterable[Caption]) -> str:
     does not count as a change."""
     content = [[v.id for v in videos], [[c.text_id, c.video_id, c.text] for c in captions]]
     return hashlib.sha256(json.dumps(content).encode("utf-8")).hexdigest()
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ reader
@@ -208,6 +208,16 @@ def _loader_workers(config: ExtractConfig) -> int:
     return max(1, min(8, cores - 1))
 
 
+def _die_with(parent: int, worker_id: int) -> None:
+    """``worker_init_fn`` of the decode workers: Linux kills them when their runner dies.
+    Otherwise a killed runner leaves them behind, for seconds when forked and for good
+    when spawned (in a dask worker), blocked on a queue nobody reads."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the runner died before the line above
+        os._exit(1)
+
+
 def _device(config: ExtractConfig) -> str:
     """This process's device: dask workers of a local cluster share the GPUs round-robin."""
     device = resolve_device(config.device)
@@ -238,11 +248,15 @@ def run_partition(job: PartitionJob) -> PartitionResult:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     encoder = get_encoder(config.model, job.weights, _device(config), config.seed)
+    if encoder.checkpoint_sha256 != meta.checkpoint_sha256:
+        raise EncoderError(f"{job.weights}: the checkpoint changed during extraction (SHA-256 {meta.checkpoint_sha256} "
+                           f"at the start, {encoder.checkpoint_sha256} now); restore it, or extract anew with --overwrite")
     if (encoder.embed_dim, encoder.image_size) != (meta.embed_dim, meta.image_size):
         raise RuntimeError(f"worker encoder {encoder.name} does not match the split's metadata")
     loader = DataLoader(
         VideoFrames(job.videos, config, encoder.preprocess), batch_size=config.batch_size,
         num_workers=_loader_workers(config), collate_fn=collate_videos, pin_memory=encoder.device.startswith("cuda"),
+        worker_init_fn=functools.partial(_die_with, os.getpid()),
     )
     stats: Counter = Counter()
     ok_ids, frames, masks, indices, failed = [], [], [], [], []
@@ -314,7 +328,9 @@ def run_sequential(jobs: list[PartitionJob]) -> Iterator[PartitionResult]:
 @contextmanager
 def dask_distributor(workers: int = 0, scheduler: str | None = None) -> Iterator[Distributor]:
     """A distributor on dask: joins ``scheduler`` if given, else starts a LocalCluster of
-    ``workers`` processes (one thread each) for the duration of the block."""
+    ``workers`` processes (one thread each) for the duration of the block. Those die
+    with this process (dask's own parent-alive pipe), and their decode workers with them
+    (:func:`_die_with`)."""
     import dask
     import distributed
 
@@ -384,6 +400,7 @@ def build_meta(data: SplitData, encoder: Encoder, config: ExtractConfig) -> Feat
             "encoder_label": encoder.label,
             "short_clip_policy": SHORT_CLIP_POLICY,
             "decoder": f"{DECODER} {decord.__version__}",
+            "model_config": encoder.model_config,
             "preprocess": encoder.preprocess_cfg,
             "precision": precision_for(resolve_device(config.device)),
             "text_context_length": encoder.model_config["text_cfg"].get("context_length", 77),
@@ -394,37 +411,17 @@ def build_meta(data: SplitData, encoder: Encoder, config: ExtractConfig) -> Feat
     )
 
 
-class SplitDirError(Exception):
-    """The split directory cannot take this run: another run is writing into it, or it
-    holds features made with other settings."""
+def identity_settings(config: ExtractConfig) -> dict:
+    """The run settings a resume must share beyond the features' metadata."""
+    return {key: getattr(config, key) for key in IDENTITY}
 
 
-@contextmanager
-def _exclusive(split_dir: Path):
-    """One extraction at a time per split directory; the lock dies with its process, so a
-    killed run never leaves it taken."""
-    import fcntl
-
-    split_dir.mkdir(parents=True, exist_ok=True)
-    with open(split_dir / LOCK_FILE, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SplitDirError(f"{split_dir}: another extraction is writing into this directory") from None
-        yield
-
-
-def _claim(split_dir: Path, config: ExtractConfig, weights: str) -> None:
-    """Pin the settings of this split directory, refusing to mix runs with different ones."""
-    path = split_dir / CONFIG_FILE
-    identity = {key: getattr(config, key) for key in IDENTITY} | {"weights": weights}
-    if path.is_file():
-        before = json.loads(path.read_text())["identity"]
-        differ = [f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in identity.items() if before.get(k) != v]
-        if differ:
-            raise SplitDirError(f"{split_dir} holds features extracted with other settings ({'; '.join(differ)}); "
-                                 "use another --out or delete that directory")
-    write_json_atomic(path, {"identity": identity, "config": dataclasses.asdict(config)})
+def check_out(splits: list[SplitData], config: ExtractConfig, out_root: Path, encoder: Encoder) -> None:
+    """Refuse, before any work and touching nothing, when a split directory of this run
+    holds features made otherwise (raises :class:`~tmass.features.format.SplitDirError`)."""
+    for data in splits:
+        check_split_dir(split_dir_for(out_root, data, encoder, config), build_meta(data, encoder, config),
+                        identity_settings(config))
 
 
 def _completed(split_dir: Path, index: int, digest: str) -> PartitionResult | None:
@@ -484,16 +481,16 @@ class SplitReport:
 
 
 def extract_split(data: SplitData, config: ExtractConfig, out_root: Path, encoder: Encoder,
-                  distributor: Distributor = run_sequential, progress: bool = True) -> SplitReport:
+                  distributor: Distributor = run_sequential, progress: bool = True,
+                  overwrite: bool = False) -> SplitReport:
     """Extract one split into ``out_root/<dataset>/<model-tag>/<split>/``: run the
-    partitions that are not complete yet, then write the manifest."""
+    partitions that are not complete yet, then write the manifest. A directory holding
+    features made otherwise is refused, or with ``overwrite`` replaced as a whole."""
     start = time.perf_counter()
     split_dir = split_dir_for(out_root, data, encoder, config)
-    with _exclusive(split_dir):
-        _claim(split_dir, config, encoder.weights)
-        for stale in split_dir.glob(".*.tmp-*"):  # left by a killed run; never a final name
-            stale.unlink()
-        meta = build_meta(data, encoder, config)
+    meta = build_meta(data, encoder, config)
+    with writing_split(split_dir, meta, identity_settings(config), overwrite):
+        write_json_atomic(split_dir / CONFIG_FILE, {"config": dataclasses.asdict(config)})
         done, jobs = [], []
         for index, (videos, captions) in enumerate(plan_partitions(data, config.shard_size)):
             complete = _completed(split_dir, index, inputs_digest(videos, captions))

@@ -75,9 +75,19 @@ def check(directory: Path):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Features directory to write; receives train/ and test/ splits.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def simulate(preset: str, out: Path, seed: int):
-    """Write simulated train and test splits in the shard format, without CLIP."""
+@click.option("--overwrite", is_flag=True,
+              help="Replace splits under OUT that hold features made otherwise (extracted, another preset or seed).")
+def simulate(preset: str, out: Path, seed: int, overwrite: bool):
+    """Write simulated train and test splits in the shard format, without CLIP.
+
+    Re-running the same command resumes an interrupted run or leaves complete splits as
+    they are; a split directory holding other features is refused untouched."""
+    from tmass.features.format import FeatureWriteError, SplitDirError
     from tmass.features.simulate import simulate as run
 
-    for split, path in run(preset, out, seed).items():
+    try:
+        written = run(preset, out, seed, overwrite=overwrite)
+    except (SplitDirError, FeatureWriteError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for split, path in written.items():
         click.echo(f"{split}: {path}")

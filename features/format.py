@@ -38,17 +38,33 @@ with plain h5py (and stackable with ``dask.array.from_array``) without this pack
 metadata, the per-kind totals and the inputs that extraction skipped (``failed``: id,
 path, reason). Shards and manifest are written atomically (temporary name, fsync,
 rename): a file with a final name is always complete, which is what makes extraction
-resumable and a killed job harmless.
+resumable and a killed job harmless. A shard is assembled in memory and written with
+plain file I/O after a free-space check, so a full disk is a one-line
+:class:`FeatureWriteError` naming the file, never an HDF5 crash.
+
+Outputs never mix. :func:`provenance` is what made a split (source, model, weights and
+their hash, model config, frame count, sampling, preprocessing, preset, seed, ...);
+every shard must agree with its manifest on it (:meth:`FeatureSplit` reports a mixed
+split). A writer holds the directory with :func:`writing_split`: one writer at a time
+(a POSIX lock, which forked children do not inherit and which dies with its process),
+``provenance.json`` records the writer's identity before the first shard, and a
+directory holding features made otherwise is refused untouched unless the writer
+replaces the split as a whole (``overwrite``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
+import fnmatch
 import hashlib
+import io
 import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,11 +75,28 @@ from tmass import __version__
 
 FORMAT_VERSION = "1.0"
 MANIFEST = "manifest.json"
+STAMP = "provenance.json"  # the writer's identity, recorded before its first shard
+LOCK = ".lock"
 VIDEO_SHARD_PREFIX = "videos-"
 TEXT_SHARD_PREFIX = "texts-"
+# What tmass's writers keep in a split directory; `overwrite` deletes these and nothing else.
+SPLIT_FILES = (MANIFEST, STAMP, LOCK, "videos-*.h5", "texts-*.h5", ".*.tmp-*",
+               "partition-*.json", "partitions.json", "extract-config.json", "extract.log", ".extract.lock")
+# FeatureMeta.extra keys that describe the software that ran, not the features it made
+_RUN_NOTES = ("software",)
 
 _STR = h5py.string_dtype(encoding="utf-8")
 _ROWS_PER_CHECK = 4096  # rows read at once when scanning values; bounds memory of `check`
+
+
+class FeatureWriteError(Exception):
+    """A file of a split could not be written (disk full, file size limit, permission);
+    the message is one line naming the file. Whatever was complete before stays intact."""
+
+
+class SplitDirError(Exception):
+    """A split directory cannot take this writer: another process is writing into it, or
+    it holds features made otherwise. The message is one line with the way out."""
 
 
 class FeatureFormatError(Exception):
@@ -126,6 +159,36 @@ class FeatureMeta:
             attrs[key] = json.dumps(value) if isinstance(value, dict) else value
         return attrs
 
+    @classmethod
+    def from_h5_attrs(cls, attrs) -> FeatureMeta:
+        """The inverse of :meth:`h5_attrs`: the metadata a shard carries."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items() if k in known}
+        if "extra" in data:
+            data["extra"] = json.loads(data["extra"])
+        return cls(**data)
+
+
+def provenance(meta: FeatureMeta) -> dict:
+    """What made a split's features, flat and JSON-normalised: every :class:`FeatureMeta`
+    field but ``extra``, plus the keys of ``extra`` (weights, model config, preprocessing,
+    decoder, preset, seed, ...) except software versions. Shards belong in one split only
+    when these agree."""
+    data = meta.to_json()
+    extra = data.pop("extra") or {}
+    data = {"source": data.pop("source"), **data}  # the telling difference first
+    return json.loads(json.dumps(data | {k: v for k, v in extra.items() if k not in _RUN_NOTES}))
+
+
+def provenance_diff(before: dict, now: dict, then: str = "then", here: str = "now") -> list[str]:
+    """``key: <before> then, <now> now`` for every key on which two provenances differ."""
+    def short(value) -> str:
+        text = repr(value)
+        return text if len(text) <= 70 else text[:67] + "..."
+
+    keys = list(before) + [k for k in now if k not in before]
+    return [f"{k}: {short(before.get(k))} {then}, {short(now.get(k))} {here}" for k in keys if before.get(k) != now.get(k)]
+
 
 @dataclass(frozen=True)
 class ShardRecord:
@@ -168,19 +231,41 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    """fsync ``tmp`` and rename it to ``final`` so that ``final`` is complete or absent."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
 def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def write_bytes_atomic(final: Path, data: bytes) -> None:
+    """Write ``data`` to ``final`` so that ``final`` is complete or untouched: a temporary
+    name, fsync, rename. Checks free space first; any OS error (no space, file size
+    limit, permission) becomes one :class:`FeatureWriteError` line naming ``final``."""
+    final = Path(final)
+    tmp = _tmp_name(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(final.parent).free
+        if len(data) > free:
+            raise OSError(errno.ENOSPC, f"no space left on device ({len(data) / 2**20:.1f} MiB to write, "
+                                        f"{free / 2**20:.1f} MiB free)")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        raise FeatureWriteError(f"{final}: cannot write: {exc.strerror or exc}; the files written before it are intact "
+                                "(free some space, or write elsewhere, then re-run the same command to resume)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def _record(path: Path, kind: str, rows: int) -> ShardRecord:
@@ -188,24 +273,22 @@ def _record(path: Path, kind: str, rows: int) -> ShardRecord:
 
 
 def _write_shard(path: Path, kind: str, meta: FeatureMeta, columns: dict) -> ShardRecord:
+    """The shard is built in memory and written with plain file I/O: HDF5 never sees the
+    disk, so a full disk cannot crash it (it segfaults on ENOSPC)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
     rows = len(next(iter(columns.values())))
-    try:
-        with h5py.File(tmp, "w") as h5:
-            h5.attrs.update(meta.h5_attrs())
-            h5.attrs["kind"] = kind
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["software_version"] = __version__
-            for name, values in columns.items():
-                if values.dtype.kind in "OU":
-                    h5.create_dataset(name, data=np.asarray(values, dtype=object), dtype=_STR)
-                else:
-                    h5.create_dataset(name, data=values)
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    image = io.BytesIO()
+    with h5py.File(image, "w") as h5:
+        h5.attrs.update(meta.h5_attrs())
+        h5.attrs["kind"] = kind
+        h5.attrs["format_version"] = FORMAT_VERSION
+        h5.attrs["software_version"] = __version__
+        for name, values in columns.items():
+            if values.dtype.kind in "OU":
+                h5.create_dataset(name, data=np.asarray(values, dtype=object), dtype=_STR)
+            else:
+                h5.create_dataset(name, data=values)
+    write_bytes_atomic(path, image.getvalue())
     return _record(path, kind, rows)
 
 
@@ -313,20 +396,120 @@ def write_manifest(
         **(extra or {}),
     }
     final = split_dir / MANIFEST
-    tmp = _tmp_name(final)
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(manifest, fh, indent=2)
-            fh.write("\n")
-        _commit(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json_atomic(final, manifest)
     return final
 
 
 def manifest_sha256(split_dir: Path) -> str:
     """Identity of a split's features, recorded by training and evaluation runs."""
     return sha256_file(Path(split_dir) / MANIFEST)
+
+
+# ------------------------------------------------------------------- one writer, one origin
+
+
+def _found_identities(split_dir: Path) -> Iterator[tuple[Path, dict | None, bool]]:
+    """``(file, identity or None if unreadable, whether it is a full writer identity)``
+    for the stamp, the manifest and every shard in ``split_dir``."""
+    stamp = split_dir / STAMP
+    if stamp.is_file():
+        try:
+            yield stamp, json.loads(stamp.read_text())["identity"], True
+        except (ValueError, KeyError, TypeError):
+            yield stamp, None, True
+    if (split_dir / MANIFEST).is_file():
+        try:
+            yield split_dir / MANIFEST, provenance(FeatureMeta.from_json(json.loads((split_dir / MANIFEST).read_text())["meta"])), False
+        except (ValueError, KeyError, TypeError):
+            yield split_dir / MANIFEST, None, False
+    for shard in sorted([*split_dir.glob(f"{VIDEO_SHARD_PREFIX}*.h5"), *split_dir.glob(f"{TEXT_SHARD_PREFIX}*.h5")]):
+        try:
+            with h5py.File(shard, "r") as h5:
+                yield shard, provenance(FeatureMeta.from_h5_attrs(h5.attrs)), False
+        except (OSError, ValueError, KeyError, TypeError):
+            yield shard, None, False
+
+
+def check_split_dir(split_dir: Path, meta: FeatureMeta, settings: dict | None = None) -> None:
+    """Raise :class:`SplitDirError` unless ``split_dir`` is new or holds only what a writer
+    of ``meta`` (and the writer's own ``settings``: shard size, ...) made. Reads only."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        return
+    mine = provenance(meta)
+    for path, found, full in _found_identities(split_dir):
+        if found is None:
+            raise SplitDirError(f"{path}: unreadable, so this split cannot be resumed; pass --overwrite to replace "
+                                "the split, or choose another --out")
+        differ = provenance_diff(found, mine | (settings or {}) if full else mine)
+        if differ:
+            raise SplitDirError(f"{split_dir} holds features made otherwise ({path.name}: {'; '.join(differ[:3])}); "
+                                "choose another --out, or pass --overwrite to replace the split")
+
+
+def _replace_contents(split_dir: Path) -> None:
+    """Empty a split directory for a new writer: the manifest goes first, so a crash
+    half-way never leaves a readable split of old and new shards."""
+    foreign = sorted(p.name for p in split_dir.iterdir()
+                     if p.is_dir() or not any(fnmatch.fnmatch(p.name, pattern) for pattern in SPLIT_FILES))
+    if foreign:
+        raise SplitDirError(f"{split_dir} holds files that are not features ({', '.join(foreign[:3])}); --overwrite "
+                            "deletes only feature files: move those away or choose another --out")
+    (split_dir / MANIFEST).unlink(missing_ok=True)
+    (split_dir / STAMP).unlink(missing_ok=True)
+    _fsync_dir(split_dir)
+    for path in split_dir.iterdir():
+        if path.name != LOCK:
+            path.unlink()
+
+
+def _lock(fd: int, split_dir: Path) -> None:
+    """A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone,
+    so decode workers forked from it do not hold it after a ``kill -9``."""
+    import fcntl
+
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        raise SplitDirError(f"{split_dir}: another process{f' (pid {holder})' if holder else ''} is writing into this "
+                            "split directory; wait for it to finish or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+@contextmanager
+def writing_split(split_dir: Path, meta: FeatureMeta, settings: dict | None = None,
+                  overwrite: bool = False) -> Iterator[bool]:
+    """Hold ``split_dir`` for one writer of ``meta``; yields whether the split is already
+    complete (its manifest exists, made the same way).
+
+    A directory holding features made otherwise is refused before anything is touched
+    (:func:`check_split_dir`), unless ``overwrite``, which empties it first. Another
+    process holding the directory is refused at once. The writer's identity goes to
+    ``provenance.json`` before the first shard, so a resume compares against what the
+    first run recorded (a checkpoint replaced since shows in its SHA-256)."""
+    split_dir = Path(split_dir)
+    if not overwrite:
+        check_split_dir(split_dir, meta, settings)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(split_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        _lock(fd, split_dir)
+        if overwrite:
+            _replace_contents(split_dir)
+        else:  # again, now that no other writer can change the directory under us
+            check_split_dir(split_dir, meta, settings)
+        for stale in split_dir.glob(".*.tmp-*"):  # left by a killed writer; never a final name
+            stale.unlink()
+        stamp = {"identity": provenance(meta) | (settings or {})}
+        if not (split_dir / STAMP).is_file():  # else it says this already: checked above
+            write_json_atomic(split_dir / STAMP, stamp)
+        yield (split_dir / MANIFEST).is_file()
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -407,6 +590,7 @@ class FeatureSplit:
             self.shards = [ShardRecord(**s) for s in self.manifest["shards"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise FeatureFormatError([f"{manifest_path}: unreadable manifest ({exc!r})"]) from exc
+        self._provenance = provenance(self.meta)
         major = str(self.manifest.get("format_version", "?")).split(".")[0]
         if major != FORMAT_VERSION.split(".")[0]:
             raise FeatureFormatError(
@@ -481,6 +665,14 @@ class FeatureSplit:
             self.text_ids += _decode(h5["text_id"][:])
             self.text_video_ids += _decode(h5["video_id"][:])
             self.captions += _decode(h5["caption"][:])
+        try:
+            differ = provenance_diff(self._provenance, provenance(FeatureMeta.from_h5_attrs(h5.attrs)),
+                                     "in the manifest", "in this shard")
+        except (TypeError, ValueError) as exc:
+            differ = [f"unreadable attributes ({exc})"]
+        if differ:
+            problems.append(f"{path}: made otherwise than the manifest says, a mixed split ({'; '.join(differ[:3])}); "
+                            "re-create the split with --overwrite")
         return problems
 
     def _check_ids(self) -> list[str]:

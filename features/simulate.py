@@ -45,10 +45,13 @@ from tqdm import tqdm
 
 from tmass.features.format import (
     FeatureMeta,
+    check_split_dir,
+    read_shard_record,
     shard_name,
     write_manifest,
     write_text_shard,
     write_video_shard,
+    writing_split,
 )
 
 CLIP_LOGIT_SCALE = 100.0  # exp(logit_scale) of OpenAI's CLIP, the value a real manifest carries
@@ -151,42 +154,64 @@ def _simulate_block(cfg: SimulationConfig, world: _World | None, n_videos: int, 
     return frames, texts
 
 
-def simulate(preset: str | SimulationConfig, out_dir: Path, seed: int = 0, progress: bool = True) -> dict[str, Path]:
+def _meta(cfg: SimulationConfig, split: str, seed: int) -> FeatureMeta:
+    return FeatureMeta(
+        dataset=f"sim-{cfg.name}",
+        split=split,
+        model="simulated",
+        pretrained="none",
+        embed_dim=cfg.dim,
+        num_frames=cfg.n_frames,
+        frame_sampling="simulated",
+        logit_scale=CLIP_LOGIT_SCALE,
+        random_init=False,
+        source="simulated",
+        extra={"preset": cfg.name, "seed": seed, "generator": dataclasses.asdict(cfg)},
+    )
+
+
+def simulate(preset: str | SimulationConfig, out_dir: Path, seed: int = 0, progress: bool = True,
+             overwrite: bool = False) -> dict[str, Path]:
     """Write the train and test splits of a preset under ``out_dir`` (``out_dir/train``,
-    ``out_dir/test``); returns the split directories. Deterministic in ``seed``."""
+    ``out_dir/test``); returns the split directories. Deterministic in ``seed``.
+
+    A split directory holding features made otherwise (extracted, another preset or
+    seed) raises :class:`~tmass.features.format.SplitDirError` before anything is
+    written, unless ``overwrite`` replaces it. Re-running resumes an interrupted run
+    (every shard has its own random stream) and leaves a complete split as it is."""
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     out_dir = Path(out_dir)
+    splits = (("train", cfg.train), ("test", cfg.test))
+    if not overwrite:  # both splits before either is written
+        for split, _ in splits:
+            check_split_dir(out_dir / split, _meta(cfg, split, seed))
     world_seed, *split_seeds = np.random.SeedSequence(seed).spawn(3)
     world = _make_world(cfg, np.random.default_rng(world_seed)) if cfg.structured else None
     written = {}
-    for split, shape, split_seed in (("train", cfg.train, split_seeds[0]), ("test", cfg.test, split_seeds[1])):
-        meta = FeatureMeta(
-            dataset=f"sim-{cfg.name}",
-            split=split,
-            model="simulated",
-            pretrained="none",
-            embed_dim=cfg.dim,
-            num_frames=cfg.n_frames,
-            frame_sampling="simulated",
-            logit_scale=CLIP_LOGIT_SCALE,
-            random_init=False,
-            source="simulated",
-            extra={"preset": cfg.name, "seed": seed, "generator": dataclasses.asdict(cfg)},
-        )
-        split_dir = out_dir / split
-        n_shards = -(-shape.n_videos // cfg.videos_per_shard)
-        shard_rngs = [np.random.default_rng(s) for s in split_seed.spawn(n_shards)]
-        records = []
-        for shard in tqdm(range(n_shards), desc=f"simulate {cfg.name}/{split}", unit="shard", disable=not progress):
-            first = shard * cfg.videos_per_shard
-            n = min(cfg.videos_per_shard, shape.n_videos - first)
-            frames, texts = _simulate_block(cfg, world, n, shape.captions_per_video, shard_rngs[shard])
-            video_ids = [f"{split}-video{first + i:06d}" for i in range(n)]
-            owner = [vid for vid in video_ids for _ in range(shape.captions_per_video)]
-            text_ids = [f"{vid}-cap{c:02d}" for vid in video_ids for c in range(shape.captions_per_video)]
-            captions = [f"simulated caption {c} of {vid}" for vid in video_ids for c in range(shape.captions_per_video)]
-            records.append(write_video_shard(split_dir / shard_name("videos", shard), meta, video_ids, frames))
-            records.append(write_text_shard(split_dir / shard_name("texts", shard), meta, text_ids, owner, captions, texts))
-        write_manifest(split_dir, meta, records)
-        written[split] = split_dir
+    for (split, shape), split_seed in zip(splits, split_seeds):
+        meta = _meta(cfg, split, seed)
+        split_dir = written[split] = out_dir / split
+        with writing_split(split_dir, meta, overwrite=overwrite) as complete:
+            if complete:
+                if progress:
+                    tqdm.write(f"{split_dir}: already complete (same preset and seed); nothing written")
+                continue
+            n_shards = -(-shape.n_videos // cfg.videos_per_shard)
+            shard_rngs = [np.random.default_rng(s) for s in split_seed.spawn(n_shards)]
+            records = []
+            for shard in tqdm(range(n_shards), desc=f"simulate {cfg.name}/{split}", unit="shard", disable=not progress):
+                paths = [split_dir / shard_name(kind, shard) for kind in ("videos", "texts")]
+                if all(path.is_file() for path in paths):  # written by an interrupted run of the same settings
+                    records += [read_shard_record(path) for path in paths]
+                    continue
+                first = shard * cfg.videos_per_shard
+                n = min(cfg.videos_per_shard, shape.n_videos - first)
+                frames, texts = _simulate_block(cfg, world, n, shape.captions_per_video, shard_rngs[shard])
+                video_ids = [f"{split}-video{first + i:06d}" for i in range(n)]
+                owner = [vid for vid in video_ids for _ in range(shape.captions_per_video)]
+                text_ids = [f"{vid}-cap{c:02d}" for vid in video_ids for c in range(shape.captions_per_video)]
+                captions = [f"simulated caption {c} of {vid}" for vid in video_ids for c in range(shape.captions_per_video)]
+                records.append(write_video_shard(paths[0], meta, video_ids, frames))
+                records.append(write_text_shard(paths[1], meta, text_ids, owner, captions, texts))
+            write_manifest(split_dir, meta, records)
     return written

@@ -334,16 +334,157 @@ def test_a_rerun_with_other_settings_is_refused(tiny_model, demo_root, demo_feat
     assert "num_frames: 12 then, 4 now" in result.output
 
 
-def test_a_second_run_into_a_directory_being_written_is_refused(tiny_model, demo_root, demo_features):
-    import fcntl
+def _children(pid: int) -> list[int]:
+    """Every process below ``pid`` (decode workers, dask workers, ...)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            found += [kid, *_children(kid)]
+    return found
 
-    split_dir = demo_features[0] / "test"
-    with open(split_dir / ".extract.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running extraction holds it
-        result = extract("--dataset", "demo", "--data-root", demo_root, "--out", demo_features[0].parents[1],
-                         "--model", tiny_model, "--pretrained", "none", "--shard-size", 2, "--batch-size", 2,
-                         "--split", "test", expect=1)
-    assert "another extraction is writing into this directory" in result.output
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent that will never reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(condition, what: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_one_writer_at_a_time_and_a_killed_one_never_blocks(tiny_model, demo_root, tmp_path):
+    """A running extraction (stopped mid-partition, its decode workers alive) holds the
+    split: a second run is refused at once, naming it. Killed with -9, it blocks nothing:
+    the decode workers it forked outlive it for seconds but do not hold the lock."""
+    common = ["--dataset", "demo", "--data-root", demo_root, "--model", tiny_model, "--pretrained", "none",
+              "--split", "train", "--shard-size", 1, "--batch-size", 1, "--loader-workers", 2, "--out", tmp_path]
+    holder = subprocess.Popen([sys.executable, "-c", "from tmass.cli import main; main()", "extract", *map(str, common)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = tmp_path / "demo" / "tiny-clip__none" / "train" / ".lock"
+        _wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(holder.pid), "the lock")
+        workers = _wait_for(lambda: _children(holder.pid), "the decode workers")
+        os.kill(holder.pid, signal.SIGSTOP)  # holds the directory for as long as the test needs
+        refused = extract(*common, expect=1)
+        assert f"another process (pid {holder.pid}) is writing into this split directory" in refused.output
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        assert any(_alive(pid) for pid in workers), "the case under test: forked decode workers outlive a kill -9"
+        extract(*common)  # at once, with the orphans still there
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert check_split(tmp_path / "demo" / "tiny-clip__none" / "train") == []
+
+
+@pytest.mark.slow
+def test_local_dask_workers_and_their_decode_workers_die_with_a_killed_driver(tiny_model, demo_root, tmp_path):
+    """kill -9 of `tmass extract --workers 2` mid-run: every process it started is gone
+    within seconds (a spawned decode worker used to stay, blocked on its queue)."""
+    split_dir = tmp_path / "demo" / "tiny-clip__none" / "test"
+    driver = subprocess.Popen([sys.executable, "-c", "from tmass.cli import main; main()", "extract", "--dataset", "demo",
+                               "--data-root", str(demo_root), "--model", tiny_model, "--pretrained", "none", "--split",
+                               "test", "--shard-size", "1", "--batch-size", "1", "--workers", "2", "--out", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = []
+    try:
+        _wait_for(lambda: list(split_dir.glob("videos-*.h5")), "the first partition", timeout=600)
+        started = _children(driver.pid)
+        assert len(started) >= 4, "two dask workers, each with a decode worker"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 30
+        while any(map(_alive, started)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in started if _alive(pid)], "processes outlived the extraction that started them"
+    finally:
+        for pid in started:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if driver.poll() is None:
+            driver.kill()
+
+
+def _tree(directory: Path) -> dict:
+    """Every file under ``directory`` with its size and modification time."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_simulated_and_extracted_features_never_mix(tiny_model, demo_root, tmp_path):
+    """The issue's case: simulating into a directory of extracted features (and back)."""
+    from tmass.features.format import SplitDirError
+    from tmass.features.simulate import simulate
+
+    args = ["--dataset", "demo", "--data-root", demo_root, "--model", tiny_model, "--pretrained", "none",
+            "--split", "test", "--shard-size", 2, "--out", tmp_path]
+    tag_dir = tmp_path / "demo" / "tiny-clip__none"
+    extract(*args)
+    before = _tree(tmp_path)
+    with pytest.raises(SplitDirError, match="made otherwise.*source: 'open_clip' then, 'simulated' now"):
+        simulate("tiny", tag_dir, progress=False)
+    assert _tree(tmp_path) == before, "a refused run touches nothing"
+    rerun = extract(*args)
+    assert "3 partitions were already complete" in rerun.output
+
+    simulate("tiny", tag_dir, progress=False, overwrite=True)
+    assert check_split(tag_dir / "test") == [] and load_split(tag_dir / "test").meta.source == "simulated"
+    assert not list((tag_dir / "test").glob("partition-*.json")), "replaced as a whole"
+    before = _tree(tmp_path)
+    refused = extract(*args, expect=1)
+    assert "made otherwise" in refused.output and "--overwrite" in refused.output
+    assert "Traceback" not in refused.output and len(refused.output.strip().splitlines()) == 1
+    assert _tree(tmp_path) == before
+    extract(*args, "--overwrite")
+    assert check_split(tag_dir / "test") == [] and load_split(tag_dir / "test").meta.source == "open_clip"
+
+
+def test_resume_verifies_the_checkpoint_and_the_model_config(tiny_model, demo_root, tmp_path):
+    """A checkpoint replaced at the same path, or a model config edited in place, would
+    mix encoders: the resume compares with what the first run recorded and refuses."""
+    import open_clip
+    import torch
+
+    from tmass.extract.encoder import register_model
+
+    config = tmp_path / "tiny-clip.json"
+    config.write_text(Path(tiny_model).read_text())
+    checkpoint = tmp_path / "weights.pt"
+    register_model(str(config))
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        torch.save(open_clip.create_model("tiny-clip").state_dict(), tmp_path / f"seed{seed}.pt")
+    checkpoint.write_bytes((tmp_path / "seed1.pt").read_bytes())
+    args = ["--dataset", "demo", "--data-root", demo_root, "--model", config, "--split", "test", "--shard-size", 2,
+            "--out", tmp_path / "out"]
+    extract(*args, "--pretrained", checkpoint)
+    split_dir = tmp_path / "out" / "demo" / "tiny-clip__weights" / "test"
+    first = json.loads((split_dir / "manifest.json").read_text())["meta"]["checkpoint_sha256"]
+    (split_dir / "videos-00001.h5").unlink()  # an interrupted run
+    checkpoint.write_bytes((tmp_path / "seed2.pt").read_bytes())
+    refused = extract(*args, "--pretrained", checkpoint, expect=1)
+    assert f"checkpoint_sha256: '{first}' then" in refused.output
+    assert not (split_dir / "videos-00001.h5").exists()
+
+    extract(*args, "--pretrained", "none")
+    config.write_text(json.dumps({**TINY_CONFIG, "text_cfg": {**TINY_CONFIG["text_cfg"], "layers": 1}}))
+    refused = extract(*args, "--pretrained", "none", expect=1)
+    assert "model_config:" in refused.output
 
 
 # ----------------------------------------------------------------------------- offline

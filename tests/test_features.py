@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
@@ -233,3 +235,136 @@ def test_every_command_has_help():
             walk(sub, path + [name])
 
     walk(main, [])
+
+
+# --------------------------------------------------------------------- outputs never mix
+
+
+def _tree(directory) -> dict:
+    """Every file under ``directory`` with its size and modification time."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_check_catches_a_mixed_split(tmp_path):
+    """Shards of another run listed in a consistent manifest (what a resume into a
+    directory of other features produced) are a mixed split, named shard by shard."""
+    from tmass.features.format import read_shard_record
+    from tmass.features.simulate import simulate
+
+    mine, other = simulate("tiny", tmp_path / "a", seed=0, progress=False), simulate("tiny", tmp_path / "b", seed=1, progress=False)
+    for name in ("videos-00001.h5", "texts-00001.h5"):
+        shutil.copy(other["train"] / name, mine["train"] / name)
+    meta = open_split(mine["test"]).meta
+    records = [read_shard_record(p) for p in sorted(mine["train"].glob("*.h5"))]
+    write_manifest(mine["train"], dataclasses.replace(meta, split="train"), records)
+    problems = check_split(mine["train"])
+    assert len(problems) == 2 and all("mixed split" in p and "seed: 0 in the manifest, 1 in this shard" in p for p in problems)
+    assert {p.split(":")[0].rsplit("/", 1)[1] for p in problems} == {"videos-00001.h5", "texts-00001.h5"}
+    result = CliRunner().invoke(main, ["features", "check", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "videos-00001.h5: made otherwise than the manifest says" in result.output
+
+
+def test_simulate_refuses_other_features_untouched_and_overwrite_replaces_them(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "f"
+    assert runner.invoke(main, ["features", "simulate", "--out", str(out), "--seed", "0"]).exit_code == 0
+    before = _tree(out)
+    refused = runner.invoke(main, ["features", "simulate", "--out", str(out), "--seed", "1"])
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1 and "Traceback" not in refused.output
+    assert f"Error: {out / 'train'} holds features made otherwise (provenance.json: seed: 0 then, 1 now)" in refused.output
+    assert _tree(out) == before, "a refused run touches nothing"
+
+    again = runner.invoke(main, ["features", "simulate", "--out", str(out), "--seed", "0"])
+    assert again.exit_code == 0 and "already complete" in again.output
+    assert {k: v for k, v in _tree(out).items() if not k.endswith(".lock")} == {k: v for k, v in before.items() if not k.endswith(".lock")}
+
+    replaced = runner.invoke(main, ["features", "simulate", "--out", str(out), "--seed", "1", "--overwrite"])
+    assert replaced.exit_code == 0 and check_split(out / "train") == []
+    with h5py.File(out / "train" / "videos-00001.h5", "r") as h5:
+        assert json.loads(h5.attrs["extra"])["seed"] == 1
+
+
+def test_overwrite_deletes_nothing_but_features(tmp_path):
+    from tmass.features.format import SplitDirError
+    from tmass.features.simulate import simulate
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "thesis.tex").write_text("precious")
+    with pytest.raises(SplitDirError, match=r"thesis.tex.*--overwrite deletes only feature files"):
+        simulate("tiny", tmp_path, progress=False, overwrite=True)
+    assert (tmp_path / "train" / "thesis.tex").read_text() == "precious"
+
+
+def test_an_interrupted_simulation_resumes_to_the_same_features(tiny_features, tmp_path):
+    from tmass.features.simulate import simulate
+
+    out = tmp_path / "sim"
+    shutil.copytree(tiny_features, out)
+    (out / "train" / "manifest.json").unlink()
+    (out / "train" / "texts-00001.h5").unlink()
+    kept = (out / "train" / "videos-00000.h5").stat().st_mtime_ns
+    simulate("tiny", out, seed=0, progress=False)
+    assert (out / "train" / "videos-00000.h5").stat().st_mtime_ns == kept
+    resumed, fresh = load_split(out / "train"), load_split(tiny_features / "train")
+    assert resumed.text_ids == fresh.text_ids and np.array_equal(resumed.text_embeddings, fresh.text_embeddings)
+
+
+_FULL_DISK_WRITER = """
+import os, resource, sys
+from pathlib import Path
+import numpy as np
+from tmass.features.format import FeatureMeta, FeatureWriteError, sha256_file, write_video_shard
+meta = FeatureMeta("unit", "test", "m", "none", 8, 4, "uniform", 100.0)
+path = Path(sys.argv[1]) / "videos-00000.h5"
+write_video_shard(path, meta, ["a"], np.ones((1, 4, 8)))
+before = sha256_file(path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # Python ignores SIGXFSZ: writes fail with EFBIG
+try:
+    write_video_shard(path, meta, [str(i) for i in range(500)], np.ones((500, 4, 8)))
+except FeatureWriteError as exc:
+    print("error:", exc)
+print("intact:", sha256_file(path) == before, sorted(os.listdir(path.parent)))
+"""
+
+
+def test_a_write_beyond_the_disk_limit_is_one_clear_error_and_keeps_the_last_shard(tmp_path):
+    result = subprocess.run([sys.executable, "-c", _FULL_DISK_WRITER, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    error, intact = result.stdout.strip().splitlines()
+    assert error.startswith(f"error: {tmp_path / 'videos-00000.h5'}: cannot write: File too large;")
+    assert intact == "intact: True ['videos-00000.h5']"
+
+
+def test_simulate_on_a_full_disk_exits_with_one_line(tmp_path):
+    """The command itself, under a file size limit: exit 1 and one line naming the shard."""
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    result = subprocess.run([sys.executable, "-c", "from tmass.cli import main; main()", "features", "simulate",
+                             "--out", str(tmp_path / "f")], capture_output=True, text=True, preexec_fn=limit)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"Error: {tmp_path / 'f' / 'train' / 'videos-00000.h5'}: cannot write: File too large" in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only; skipped where mounting is not permitted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_keeps_the_last_complete_shard(small_disk):
+    result = subprocess.run([sys.executable, "-c", "from tmass.cli import main; main()", "features", "simulate",
+                             "--out", str(small_disk)], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{small_disk / 'train' / 'texts-00000.h5'}: cannot write: no space left on device" in result.stderr
+    with h5py.File(small_disk / "train" / "videos-00000.h5", "r") as h5:  # the shard before is complete
+        assert h5["frames"].shape == (128, 12, 64)
+    assert not list(small_disk.rglob(".*tmp*"))
