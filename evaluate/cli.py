@@ -83,7 +83,10 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
         raise click.ClickException(f"features fail validation:\n{exc}") from exc
     config = EvalConfig(trials=trials, seed=seed, protocol=protocol, noise=noise, path=path_,
                         chunk_pairs=chunk_pairs, device=device)
-    head, info = load_checkpoint(checkpoint, resolve_device(device))
+    try:
+        head, info = load_checkpoint(checkpoint, resolve_device(device))
+    except ValueError as exc:  # e.g. a plugin head that is no longer installed
+        raise click.ClickException(f"{checkpoint}: {exc}") from exc
     recorded = info.get("features_identity")  # checkpoints from before it was recorded: dim and frames only
     mismatch = identity_mismatch(features_identity(split_dir), recorded) if recorded else ""
     if mismatch:
