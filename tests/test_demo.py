@@ -136,7 +136,7 @@ def test_the_examples_in_tmass_help_run_offline(tmp_path, monkeypatch):
     examples = [shlex.split(line.strip()) for line in help_text.splitlines() if line.strip().startswith("tmass ")]
     assert len(examples) >= 3
     (tmp_path / "extract").symlink_to(REPO / "extract")
-    render_demo(tmp_path / "data" / "demo", DemoSpec(n_train=40, n_test=10, seconds=2.0), progress=False)
+    render_demo(tmp_path / "data" / "demo", DemoSpec(n_train=30, n_test=6, seconds=1.0), progress=False)
     monkeypatch.chdir(tmp_path)
     for argv in examples:
         result = CliRunner().invoke(main, argv[1:])

@@ -25,10 +25,11 @@ def main(ctx):
     """T-MASS text-video retrieval on precomputed CLIP features.
 
     \b
-    Typical loop:
-      tmass extract --dataset demo --data-root data/demo --out features
-      tmass train   --features features/demo/ViT-B-32__auto --head tmass --out runs/demo
-      tmass eval    --features features/demo/ViT-B-32__auto --checkpoint runs/demo/best.pt
+    Typical loop, offline, on the rendered demo set and the shipped demo encoder
+    (run from the repository root; `make help` lists the make targets):
+      tmass extract --dataset demo --data-root data/demo --out features --model tmass-demo --pretrained extract/demo-encoder/tmass-demo.pt
+      tmass train   --features features/demo/tmass-demo__tmass-demo --head tmass --lr 1e-4 --out runs/demo
+      tmass eval    --features features/demo/tmass-demo__tmass-demo --checkpoint runs/demo/best.pt
     """
     ctx.meta[EVALUATOR_KEY] = split_metrics  # validation and test metrics of `tmass train`
 
