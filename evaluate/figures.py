@@ -102,7 +102,8 @@ def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
     config = json.loads((run_dir / "config.json").read_text())
-    fig.suptitle(f"{run_dir}: {display_name(config['head']['head'])} head", fontsize=10)
+    encoder = f"\nencoder: {config['encoder']}" if config.get("encoder") else ""
+    fig.suptitle(f"{run_dir}: {display_name(config['head']['head'])} head{encoder}", fontsize=10)
     return _save(fig, path or run_dir / "training-curves.png")
 
 
