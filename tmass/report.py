@@ -109,5 +109,6 @@ def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
                                out / "gallery.png",
                                title=f"{display_name(data['head'])} on {gallery_dataset} {arrays.meta.split}: top 5 videos per caption "
                                      f"(green: the captioned video), {data['protocol']} scores"
+                                     + f"\nencoder: {arrays.meta.encoder_label()}"
                                      + (" -- RANDOM-INIT ENCODER" if arrays.meta.random_init else ""))
         click.echo(f"figure {written}")
