@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from tmass.extract.datasets import ADAPTERS, CHARADES_FIELDS, SPLITS
+from tmass.extract.datasets import ADAPTERS, CHARADES_FIELDS, DATASET_SPLITS, SPLITS
 from tmass.extract.runner import ExtractConfig
 from tmass.extract.video import SAMPLING_MODES
 
@@ -32,7 +32,8 @@ class _TqdmHandler(logging.Handler):
               help="Annotation format to read (see tmass.extract.datasets for each layout).")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Dataset directory. [default: data/<dataset>; the demo renders itself there]")
-@click.option("--split", type=click.Choice([*SPLITS, "all"]), default="all", show_default=True)
+@click.option("--split", type=click.Choice([*SPLITS, "all"]), default="all", show_default=True,
+              help="all: every split the dataset has (folder: its one split, named all).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Features root: writes OUT/<dataset>/<model>__<weights>/<split>/.")
 @click.option("--model", default=DEFAULTS.model, show_default=True,
@@ -95,7 +96,8 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
                            batch_size=batch_size, device=device, loader_workers=loader_workers)
     distributed = bool(workers or scheduler)
     try:
-        splits = [load_split(dataset, data_root, s, caption_field) for s in (SPLITS if split == "all" else [split])]
+        names = DATASET_SPLITS[dataset] if split == "all" else [split]
+        splits = [load_split(dataset, data_root, s, caption_field) for s in names]
         # the driver's copy only supplies metadata when dask workers do the encoding
         encoder = get_encoder(model, pretrained, "cpu" if distributed else device, seed)
         if not overwrite:

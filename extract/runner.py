@@ -10,7 +10,13 @@ run the very same function, so both give the same features.
 
 A partition is a contiguous block of ``shard_size`` videos of the split's sorted ids,
 with their captions; the same inputs always give the same partitions, so a re-run maps
-to the same shard numbers. Partition ``p`` writes, each file atomically, in this order::
+to the same shard numbers. An incremental split (``SplitData.incremental``: a folder of
+videos that grows) is planned differently, so that adding videos never reshuffles
+complete shards: ``partitions.json`` keeps the video ids of every partition planned so
+far, each partition keeps its videos that are still there, and new videos follow in new
+partitions (sorted among themselves), in the order they were first seen.
+
+Partition ``p`` writes, each file atomically, in this order::
 
     partition-<p>.json  {"inputs": digest of its video ids and captions,
                          "failed": videos that could not be decoded, [{id, path, reason}, ...]}
@@ -41,7 +47,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +75,7 @@ from tmass.features.format import (
 log = logging.getLogger("tmass.extract")
 
 CONFIG_FILE = "extract-config.json"
+PLAN_FILE = "partitions.json"  # incremental splits only
 LOG_FILE = "extract.log"
 
 
@@ -361,15 +368,30 @@ def dask_distributor(workers: int = 0, scheduler: str | None = None) -> Iterator
 # ------------------------------------------------------------------------------ driver
 
 
-def plan_partitions(data: SplitData, shard_size: int) -> list[tuple[tuple[Video, ...], tuple[Caption, ...]]]:
-    """Contiguous blocks of ``shard_size`` videos (already sorted by id) with their captions."""
+def plan_partitions(data: SplitData, shard_size: int, earlier: Sequence[Sequence[str]] = ()
+                    ) -> list[tuple[tuple[Video, ...], tuple[Caption, ...]]]:
+    """Blocks of ``shard_size`` videos with their captions. ``earlier``: the video ids of
+    the partitions planned before (incremental splits); each keeps its videos still in
+    the split, and the videos not in any follow in new blocks, in ``data``'s order."""
     by_video: dict[str, list[Caption]] = {}
     for caption in data.captions:
         by_video.setdefault(caption.video_id, []).append(caption)
-    blocks = []
-    for first in range(0, len(data.videos), shard_size):
-        videos = tuple(data.videos[first:first + shard_size])
-        blocks.append((videos, tuple(c for v in videos for c in by_video.get(v.id, []))))
+    present = {v.id: v for v in data.videos}
+    groups = [[present[i] for i in ids if i in present] for ids in earlier]
+    planned = {i for ids in earlier for i in ids}
+    new = [v for v in data.videos if v.id not in planned]
+    groups += [new[first:first + shard_size] for first in range(0, len(new), shard_size)]
+    return [(tuple(g), tuple(c for v in g for c in by_video.get(v.id, []))) for g in groups]
+
+
+def _incremental_plan(split_dir: Path, data: SplitData, shard_size: int):
+    """Plan an incremental split after the partitions of earlier runs, and record the plan.
+    (Another folder never extends these features: its ``data_root`` differs, and a split
+    directory refuses features made otherwise.)"""
+    path = split_dir / PLAN_FILE
+    earlier = json.loads(path.read_text())["partitions"] if path.is_file() else []
+    blocks = plan_partitions(data, shard_size, earlier)
+    write_json_atomic(path, {"partitions": [[v.id for v in videos] for videos, _ in blocks]})
     return blocks
 
 
@@ -492,7 +514,9 @@ def extract_split(data: SplitData, config: ExtractConfig, out_root: Path, encode
     with writing_split(split_dir, meta, identity_settings(config), overwrite):
         write_json_atomic(split_dir / CONFIG_FILE, {"config": dataclasses.asdict(config)})
         done, jobs = [], []
-        for index, (videos, captions) in enumerate(plan_partitions(data, config.shard_size)):
+        blocks = (_incremental_plan(split_dir, data, config.shard_size) if data.incremental
+                  else plan_partitions(data, config.shard_size))
+        for index, (videos, captions) in enumerate(blocks):
             complete = _completed(split_dir, index, inputs_digest(videos, captions))
             if complete:
                 done.append(complete)
