@@ -58,11 +58,15 @@ class _TqdmHandler(logging.Handler):
               help="Seeds random frame sampling and random-init weights.")
 @click.option("--caption-field", type=click.Choice(CHARADES_FIELDS), default=None,
               help="charades only: the column used as caption. [default: script]")
+@click.option("--text-tokens", is_flag=True,
+              help="Also store every caption token in the joint space (token_embedding, token_mask) for token-level heads.")
+@click.option("--patch-grid", type=click.IntRange(0), default=DEFAULTS.patch_grid, show_default=True,
+              help="G > 0: also store each frame's patch tokens average-pooled to a G x G grid (patch_embedding).")
 @click.option("--overwrite", is_flag=True,
               help="Replace split directories that hold features made otherwise, each as a whole.")
 @click.option("-v", "--verbose", is_flag=True, help="Log per-batch timings to the console too.")
 def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampling, batch_size, shard_size,
-            workers, scheduler, device, loader_workers, seed, caption_field, overwrite, verbose):
+            workers, scheduler, device, loader_workers, seed, caption_field, text_tokens, patch_grid, overwrite, verbose):
     """Encode a dataset's videos and captions with a frozen open_clip model.
 
     Re-running the same command resumes: complete partitions are kept, the rest is
@@ -93,13 +97,15 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
     data_root = data_root or Path("data") / dataset
     config = ExtractConfig(dataset=dataset, model=model, pretrained=pretrained, num_frames=num_frames,
                            sampling=sampling, seed=seed, shard_size=shard_size, caption_field=caption_field,
-                           batch_size=batch_size, device=device, loader_workers=loader_workers)
+                           batch_size=batch_size, device=device, loader_workers=loader_workers,
+                           text_tokens=text_tokens, patch_grid=patch_grid)
     distributed = bool(workers or scheduler)
     try:
         names = DATASET_SPLITS[dataset] if split == "all" else [split]
         splits = [load_split(dataset, data_root, s, caption_field) for s in names]
         # the driver's copy only supplies metadata when dask workers do the encoding
         encoder = get_encoder(model, pretrained, "cpu" if distributed else device, seed)
+        encoder.token_support(text_tokens, patch_grid)
         if not overwrite:
             check_out(splits, config, out, encoder)
     except (LayoutError, EncoderError, ValueError, SplitDirError) as exc:

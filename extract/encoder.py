@@ -106,6 +106,74 @@ class Encoder:
             out = self.model.encode_text(self.tokenizer(texts).to(self.device))
         return out.float().cpu().numpy()
 
+    def token_support(self, text_tokens: bool, patch_grid: int) -> None:
+        """Raise :class:`EncoderError` unless this model can give the token-level features
+        asked for: a CLIP text transformer pooled at EOT, a ViT image tower whose
+        ``ln_post`` runs before pooling, and a patch grid at least G x G."""
+        model, visual = self.model, getattr(self.model, "visual", None)
+        if text_tokens and not (hasattr(model, "ln_final") and getattr(model, "text_pool_type", None) == "argmax"):
+            raise EncoderError(f"--text-tokens needs an open_clip CLIP text transformer pooled at the EOT token; {self.name} has none")
+        if patch_grid:
+            plain_vit = (hasattr(visual, "grid_size") and getattr(visual, "attn_pool", None) is None
+                         and not getattr(visual, "final_ln_after_pool", True) and getattr(visual, "pool_type", None) in ("tok", "avg"))
+            if not plain_vit:
+                raise EncoderError(f"--patch-grid needs a ViT image tower with ln_post before pooling; {self.name} has none")
+            if patch_grid > min(visual.grid_size):
+                raise EncoderError(f"--patch-grid {patch_grid} exceeds {self.name}'s grid of "
+                                   f"{visual.grid_size[0]}x{visual.grid_size[1]} patches")
+
+    def _capture(self, module):
+        """Forward hook storing ``module``'s output of the next forward pass; remove it after."""
+        captured: dict = {}
+        return captured, module.register_forward_hook(lambda _module, _inputs, output: captured.setdefault("out", output))
+
+    def encode_image_tokens(self, pixels, grid: int) -> tuple[np.ndarray, np.ndarray]:
+        """``pixels [n, 3, size, size]`` -> embeddings ``[n, embed_dim]`` and patch tokens
+        ``[n, grid * grid, embed_dim]``: the patch tokens as the image tower has them after
+        ``ln_post``, average-pooled to ``grid x grid`` cells (row-major; adaptive bins when
+        grid does not divide the patch grid), then projected like the pooled token (the
+        projection is linear, so pooling first gives the mean of projected patches)."""
+        import torch
+        import torch.nn.functional as F
+
+        visual = self.model.visual
+        captured, hook = self._capture(visual.ln_post)
+        try:
+            with torch.inference_mode(), self._autocast():
+                out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+                tokens = captured["out"][:, 1:]  # [n, rows * cols, width]: the class token dropped
+                rows, cols = visual.grid_size
+                cells = tokens.reshape(len(tokens), rows, cols, -1).permute(0, 3, 1, 2)  # [n, width, rows, cols]
+                pooled = F.adaptive_avg_pool2d(cells.float(), grid).flatten(2).transpose(1, 2)  # [n, grid * grid, width]
+                patches = pooled @ visual.proj.float()
+        finally:
+            hook.remove()
+        return out.float().cpu().numpy(), patches.float().cpu().numpy()
+
+    def encode_text_tokens(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``texts [n]`` -> embeddings ``[n, embed_dim]``, tokens ``[n, n_token, embed_dim]``
+        and mask ``[n, n_token]``: every token's output of the text transformer after
+        ``ln_final``, through the text projection, as :meth:`encode_texts` treats the EOT
+        token (whose row equals the embedding). n_token is the longest caption (SOT to EOT)
+        among ``texts``; rows past a caption's EOT are zero and masked."""
+        import torch
+
+        ids = self.tokenizer(texts).to(self.device)
+        captured, hook = self._capture(self.model.ln_final)
+        try:
+            with torch.inference_mode(), self._autocast():
+                out = self.model.encode_text(ids)
+                projection = self.model.text_projection
+                tokens = captured["out"]  # [n, context_length, width]
+                tokens = projection(tokens) if isinstance(projection, torch.nn.Linear) else tokens @ projection
+        finally:
+            hook.remove()
+        eot = ids.argmax(dim=-1)  # open_clip's argmax pooling: the EOT id is the largest
+        n_token = int(eot.max()) + 1 if len(texts) else 0
+        mask = torch.arange(n_token, device=ids.device)[None] <= eot[:, None]
+        tokens = tokens[:, :n_token].float() * mask[..., None]
+        return out.float().cpu().numpy(), tokens.cpu().numpy(), mask.cpu().numpy()
+
 
 def precision_for(device: str) -> str:
     return "amp-fp16" if device.startswith("cuda") else "fp32"

@@ -92,6 +92,8 @@ class ExtractConfig:
     seed: int = 0
     shard_size: int = 512
     caption_field: str | None = None
+    text_tokens: bool = False  # also store every caption token in the joint space (token_embedding)
+    patch_grid: int = 0  # G > 0: also store each frame's patch tokens pooled to G x G (patch_embedding)
     batch_size: int = 16  # videos per image-encoder batch (x num_frames images)
     device: str = "auto"
     loader_workers: int | None = None  # decode processes per runner; None: cores - 1, at most 8
@@ -266,7 +268,8 @@ def run_partition(job: PartitionJob) -> PartitionResult:
         worker_init_fn=functools.partial(_die_with, os.getpid()),
     )
     stats: Counter = Counter()
-    ok_ids, frames, masks, indices, failed = [], [], [], [], []
+    grid = meta.patch_grid
+    ok_ids, frames, masks, indices, patches, failed = [], [], [], [], [], []
     bar = tqdm(total=len(job.videos), desc=f"{meta.split} partition {job.index}", unit="video",
                disable=not job.progress, leave=False)
     waited = time.perf_counter()
@@ -276,7 +279,13 @@ def run_partition(job: PartitionJob) -> PartitionResult:
         encode = 0.0
         if batch.video_ids:
             tick = time.perf_counter()
-            embeddings = encoder.encode_images(batch.pixels)
+            if grid:
+                embeddings, cells = encoder.encode_image_tokens(batch.pixels, grid)
+                block = np.zeros((len(batch.video_ids), meta.num_frames, grid * grid, meta.embed_dim), np.float32)
+                block[batch.frame_mask] = cells
+                patches.append(block)
+            else:
+                embeddings = encoder.encode_images(batch.pixels)
             encode = time.perf_counter() - tick
             block = np.zeros((len(batch.video_ids), meta.num_frames, meta.embed_dim), np.float32)
             block[batch.frame_mask] = embeddings  # padding slots stay zero (short-clip policy)
@@ -296,8 +305,8 @@ def run_partition(job: PartitionJob) -> PartitionResult:
     decoded = set(ok_ids)
     captions = [c for c in job.captions if c.video_id in decoded]  # a caption of a failed video would dangle
     tick = time.perf_counter()
-    chunk = config.batch_size * config.num_frames
-    texts = [encoder.encode_texts([c.text for c in captions[i:i + chunk]]) for i in range(0, len(captions), chunk)]
+    texts, tokens, token_mask = _encode_captions(encoder, [c.text for c in captions], config.batch_size * config.num_frames,
+                                                 meta.text_tokens)
     stats.update(text_s=time.perf_counter() - tick)
 
     tick = time.perf_counter()
@@ -309,17 +318,32 @@ def run_partition(job: PartitionJob) -> PartitionResult:
             split_dir / shard_name("videos", job.index), meta, ok_ids,
             np.concatenate(frames) if frames else np.zeros((*shape, meta.embed_dim)),
             np.concatenate(masks) if masks else np.zeros(shape, bool),
-            np.concatenate(indices) if indices else np.zeros(shape, np.int32)),
+            np.concatenate(indices) if indices else np.zeros(shape, np.int32),
+            (np.concatenate(patches) if patches else np.zeros((*shape, grid * grid, meta.embed_dim))) if grid else None),
         write_text_shard(
             split_dir / shard_name("texts", job.index), meta, [c.text_id for c in captions],
-            [c.video_id for c in captions], [c.text for c in captions],
-            np.concatenate(texts) if texts else np.zeros((0, meta.embed_dim))),
+            [c.video_id for c in captions], [c.text for c in captions], texts, tokens, token_mask),
     ]
     stats.update(write_s=time.perf_counter() - tick, wall_s=time.perf_counter() - start,
                  videos=len(ok_ids), failed=len(failed), texts=len(captions))
     log.debug("%s partition %05d written: %d videos, %d captions, %d failed; write %.3fs",
               meta.split, job.index, len(ok_ids), len(captions), len(failed), stats["write_s"])
     return PartitionResult(job.index, records, failed, dict(stats))
+
+
+def _encode_captions(encoder: Encoder, texts: list[str], chunk: int, tokens: bool):
+    """Embeddings ``[n_text, dim]`` of ``texts`` in chunks of ``chunk``; with ``tokens``
+    also token_embedding ``[n_text, n_token, dim]`` and token_mask ``[n_text, n_token]``,
+    n_token the longest caption (shorter chunks padded with masked zeros), else None."""
+    chunks = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
+    if not tokens:
+        return np.concatenate([encoder.encode_texts(c) for c in chunks] or [np.zeros((0, encoder.embed_dim))]), None, None
+    parts = [encoder.encode_text_tokens(c) for c in chunks]
+    n_token = max((p[1].shape[1] for p in parts), default=0)
+    pad = [((0, 0), (0, n_token - p[1].shape[1])) for p in parts]
+    return (np.concatenate([p[0] for p in parts] or [np.zeros((0, encoder.embed_dim))]),
+            np.concatenate([np.pad(p[1], (*w, (0, 0))) for p, w in zip(parts, pad)] or [np.zeros((0, 0, encoder.embed_dim))]),
+            np.concatenate([np.pad(p[2], w) for p, w in zip(parts, pad)] or [np.zeros((0, 0), bool)]))
 
 
 # ------------------------------------------------------------------------ distributors
@@ -417,6 +441,8 @@ def build_meta(data: SplitData, encoder: Encoder, config: ExtractConfig) -> Feat
         checkpoint_sha256=encoder.checkpoint_sha256,
         random_init=encoder.random_init,
         source="open_clip",
+        text_tokens=config.text_tokens,
+        patch_grid=config.patch_grid,
         extra={
             "weights": encoder.weights,
             "encoder_label": encoder.label,

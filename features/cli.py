@@ -42,6 +42,11 @@ def info(directory: Path):
             f"{counts['texts']} captions, dim {meta['embed_dim']}"
             + (f", image size {meta['image_size']}" if meta.get("image_size") else "")
         )
+        if meta.get("text_tokens"):
+            click.echo("  token-level text: token_embedding [n_text, n_token, dim] with token_mask")
+        if meta.get("patch_grid"):
+            grid = meta["patch_grid"]
+            click.echo(f"  patch tokens: patch_embedding on a {grid}x{grid} grid, [n_video, {meta['num_frames']}, {grid * grid}, {meta['embed_dim']}]")
         size = sum(s["bytes"] for s in manifest["shards"]) / 2**20
         click.echo(f"  {len(manifest['shards'])} shards, {size:.1f} MiB, format {manifest['format_version']}, written by tmass {manifest['software_version']}")
         if manifest["failed"]:
@@ -77,7 +82,10 @@ def check(directory: Path):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True,
               help="Replace splits under OUT that hold features made otherwise (extracted, another preset or seed).")
-def simulate(preset: str, out: Path, seed: int, overwrite: bool):
+@click.option("--text-tokens", is_flag=True, help="Also write word tokens (token_embedding, token_mask).")
+@click.option("--patch-grid", type=click.IntRange(0), default=0, show_default=True,
+              help="G > 0: also write patch tokens on a G x G grid (patch_embedding).")
+def simulate(preset: str, out: Path, seed: int, overwrite: bool, text_tokens: bool, patch_grid: int):
     """Write simulated train and test splits in the shard format, without CLIP.
 
     Re-running the same command resumes an interrupted run or leaves complete splits as
@@ -86,7 +94,7 @@ def simulate(preset: str, out: Path, seed: int, overwrite: bool):
     from tmass.features.simulate import simulate as run
 
     try:
-        written = run(preset, out, seed, overwrite=overwrite)
+        written = run(preset, out, seed, overwrite=overwrite, text_tokens=text_tokens, patch_grid=patch_grid)
     except (SplitDirError, FeatureWriteError) as exc:
         raise click.ClickException(str(exc)) from None
     for split, path in written.items():

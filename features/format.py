@@ -25,10 +25,24 @@ Text shard, one row per caption:
     caption      [n_text]                   string
     embedding    [n_text, dim]              float16, CLIP text embedding, not normalised
 
+Token-level features, for token-level heads, present when the metadata says so:
+
+    token_embedding [n_text, n_token, dim]  float16, text shards when ``text_tokens``:
+                                            every token of the caption through the text
+                                            transformer, ``ln_final`` and the text
+                                            projection (the EOT token is ``embedding``);
+                                            n_token is the shard's longest caption
+    token_mask   [n_text, n_token]          bool, True for the caption's tokens (SOT to EOT)
+    patch_embedding [n_video, n_frames, G*G, dim]
+                                            float16, video shards when ``patch_grid`` is
+                                            G > 0: each frame's patch tokens through
+                                            ``ln_post`` and the image projection,
+                                            average-pooled to a G x G grid (row-major;
+                                            adaptive pooling when G does not divide the
+                                            patch grid); zero rows where a frame is masked
+
 Readers look datasets up by name and ignore names they do not know, so additions are
-backward compatible and bump only the minor format version. Reserved for token-level
-heads: ``token_embedding [n_text, n_token, token_dim]`` float16 with
-``token_mask [n_text, n_token]`` bool in text shards.
+backward compatible and bump only the minor format version.
 
 Every shard carries the split's metadata (:class:`FeatureMeta`) as HDF5 attributes,
 plus ``kind`` and ``format_version``, so a single file is self-describing and readable
@@ -130,6 +144,8 @@ class FeatureMeta:
     checkpoint_sha256: str | None = None
     random_init: bool = False
     source: str = "open_clip"
+    text_tokens: bool = False  # text shards hold token_embedding and token_mask
+    patch_grid: int = 0  # G > 0: video shards hold patch_embedding pooled to G x G
     extra: dict = field(default_factory=dict)
 
     def encoder_label(self) -> str:
@@ -300,6 +316,21 @@ def _as_str_array(values: Sequence[str], what: str, path: Path) -> np.ndarray:
     return array
 
 
+def _token_column(path: Path, meta: FeatureMeta, name: str, values, expected: tuple, wanted: bool) -> dict:
+    """``{name: values as float16}`` when ``meta`` asks for the column, checked against
+    ``expected`` (None entries match any size); {} when it does not."""
+    if not wanted:
+        if values is not None:
+            raise ValueError(f"{path}: {name} given but the metadata does not declare it")
+        return {}
+    if values is None:
+        raise ValueError(f"{path}: the metadata declares {name}, none given")
+    values = np.asarray(values)
+    if values.ndim != len(expected) or any(e is not None and v != e for v, e in zip(values.shape, expected)):
+        raise ValueError(f"{path}: {name} has shape {values.shape}, expected {expected}")
+    return {name: values.astype(np.float16)}
+
+
 def write_video_shard(
     path: Path,
     meta: FeatureMeta,
@@ -307,12 +338,14 @@ def write_video_shard(
     frames: np.ndarray,
     frame_mask: np.ndarray | None = None,
     frame_index: np.ndarray | None = None,
+    patches: np.ndarray | None = None,
 ) -> ShardRecord:
     """Write one video shard atomically.
 
     ``frames`` is ``[n_video, n_frames, dim]`` (stored as float16); ``frame_mask``
     ``[n_video, n_frames]`` bool (default: all real); ``frame_index``
-    ``[n_video, n_frames]`` int (default: 0..n_frames-1, -1 where masked)."""
+    ``[n_video, n_frames]`` int (default: 0..n_frames-1, -1 where masked); ``patches``
+    ``[n_video, n_frames, G*G, dim]``, given exactly when ``meta.patch_grid`` is G > 0."""
     path = Path(path)
     frames = np.asarray(frames)
     n_video = len(video_ids)
@@ -333,6 +366,8 @@ def write_video_shard(
     for name in ("frame_mask", "frame_index"):
         if columns[name].shape != expected[:2]:
             raise ValueError(f"{path}: {name} has shape {columns[name].shape}, expected {expected[:2]}")
+    columns |= _token_column(path, meta, "patch_embedding", patches,
+                             (*expected[:2], meta.patch_grid ** 2, meta.embed_dim), meta.patch_grid > 0)
     return _write_shard(path, "videos", meta, columns)
 
 
@@ -343,9 +378,12 @@ def write_text_shard(
     video_ids: Sequence[str],
     captions: Sequence[str],
     embeddings: np.ndarray,
+    tokens: np.ndarray | None = None,
+    token_mask: np.ndarray | None = None,
 ) -> ShardRecord:
     """Write one text shard atomically. ``embeddings`` is ``[n_text, dim]``; row i is
-    caption i, which describes video ``video_ids[i]``."""
+    caption i, which describes video ``video_ids[i]``. ``tokens [n_text, n_token, dim]``
+    and ``token_mask [n_text, n_token]`` are given exactly when ``meta.text_tokens``."""
     path = Path(path)
     embeddings = np.asarray(embeddings)
     n_text = len(text_ids)
@@ -359,6 +397,12 @@ def write_text_shard(
         "caption": _as_str_array(captions, "captions", path),
         "embedding": embeddings.astype(np.float16),
     }
+    columns |= _token_column(path, meta, "token_embedding", tokens, (n_text, None, meta.embed_dim), meta.text_tokens)
+    if meta.text_tokens:
+        token_mask = np.asarray(token_mask, dtype=bool)
+        if token_mask.shape != columns["token_embedding"].shape[:2]:
+            raise ValueError(f"{path}: token_mask has shape {token_mask.shape}, expected {columns['token_embedding'].shape[:2]}")
+        columns["token_mask"] = token_mask
     return _write_shard(path, "texts", meta, columns)
 
 
@@ -518,22 +562,27 @@ def writing_split(split_dir: Path, meta: FeatureMeta, settings: dict | None = No
 @dataclass
 class VideoBatch:
     """Rows of one video shard. frames ``[n_video, n_frames, dim]`` float16,
-    frame_mask ``[n_video, n_frames]`` bool."""
+    frame_mask ``[n_video, n_frames]`` bool, patches ``[n_video, n_frames, G*G, dim]``
+    float16 or None."""
 
     video_ids: list[str]
     frames: np.ndarray
     frame_mask: np.ndarray
+    patches: np.ndarray | None = None
 
 
 @dataclass
 class TextBatch:
     """Rows of one text shard. embeddings ``[n_text, dim]`` float16; ``video_ids[i]``
-    is the video caption i describes."""
+    is the video caption i describes. tokens ``[n_text, n_token, dim]`` float16 and
+    token_mask ``[n_text, n_token]`` bool, or None."""
 
     text_ids: list[str]
     video_ids: list[str]
     captions: list[str]
     embeddings: np.ndarray
+    tokens: np.ndarray | None = None
+    token_mask: np.ndarray | None = None
 
 
 @dataclass
@@ -545,6 +594,11 @@ class SplitArrays:
 
     frames ``[n_video, n_frames, dim]``, frame_mask ``[n_video, n_frames]``,
     text_embeddings ``[n_text, dim]``, text_to_video ``[n_text]`` int64.
+
+    Token-level features, None unless the split has them: token_embeddings
+    ``[n_text, n_token, dim]`` with token_mask ``[n_text, n_token]`` (n_token: the
+    longest caption of the split; shorter shards are padded with masked zeros) and
+    patch_embeddings ``[n_video, n_frames, G*G, dim]``.
     """
 
     meta: FeatureMeta
@@ -556,6 +610,9 @@ class SplitArrays:
     text_embeddings: np.ndarray
     text_to_video: np.ndarray
     manifest_sha256: str
+    token_embeddings: np.ndarray | None = None
+    token_mask: np.ndarray | None = None
+    patch_embeddings: np.ndarray | None = None
 
 
 def _decode(values) -> list[str]:
@@ -658,10 +715,21 @@ class FeatureSplit:
                 problems.append(f"{path}: frames have shape {h5['frames'].shape}, expected {want} (embed_dim {dim}, num_frames {self.meta.num_frames} in the manifest)")
             if h5["frame_mask"].shape != want[:2]:
                 problems.append(f"{path}: frame_mask has shape {h5['frame_mask'].shape}, expected {want[:2]}")
+            if self.meta.patch_grid:
+                grid = (*want[:2], self.meta.patch_grid ** 2, dim)
+                if "patch_embedding" not in h5 or h5["patch_embedding"].shape != grid:
+                    found = h5["patch_embedding"].shape if "patch_embedding" in h5 else "missing"
+                    problems.append(f"{path}: patch_embedding is {found}, expected {grid} (patch_grid {self.meta.patch_grid} in the manifest)")
             self.video_ids += _decode(h5["video_id"][:])
         else:
             if h5["embedding"].shape[1] != dim:
                 problems.append(f"{path}: text embeddings have dim {h5['embedding'].shape[1]}, manifest says embed_dim {dim}")
+            if self.meta.text_tokens:
+                tokens = h5["token_embedding"].shape if "token_embedding" in h5 else None
+                mask = h5["token_mask"].shape if "token_mask" in h5 else None
+                if tokens is None or len(tokens) != 3 or tokens[0] != record.rows or tokens[2] != dim or mask != tokens[:2]:
+                    problems.append(f"{path}: token_embedding is {tokens or 'missing'} with token_mask {mask or 'missing'}, "
+                                    f"expected [{record.rows}, n_token, {dim}] and [{record.rows}, n_token] (text_tokens in the manifest)")
             self.text_ids += _decode(h5["text_id"][:])
             self.text_video_ids += _decode(h5["video_id"][:])
             self.captions += _decode(h5["caption"][:])
@@ -709,8 +777,11 @@ class FeatureSplit:
                 frames = h5["frames"][:]
                 mask = h5["frame_mask"][:]
                 ids = _decode(h5["video_id"][:])
+                patches = h5["patch_embedding"][:] if self.meta.patch_grid else None
             _raise_on_bad_rows(path, "frames", frames, ids)
-            yield VideoBatch(ids, frames, mask)
+            if patches is not None:
+                _raise_on_bad_rows(path, "patch_embedding", patches, ids)
+            yield VideoBatch(ids, frames, mask, patches)
 
     def iter_texts(self) -> Iterator[TextBatch]:
         """One batch per text shard, in shard order."""
@@ -722,15 +793,25 @@ class FeatureSplit:
                     _decode(h5["video_id"][:]),
                     _decode(h5["caption"][:]),
                     h5["embedding"][:],
+                    *((h5["token_embedding"][:], h5["token_mask"][:]) if self.meta.text_tokens else ()),
                 )
             _raise_on_bad_rows(path, "embedding", batch.embeddings, batch.text_ids)
+            if batch.tokens is not None:
+                _raise_on_bad_rows(path, "token_embedding", batch.tokens, batch.text_ids)
             yield batch
 
     def load(self) -> SplitArrays:
         """The whole split in memory (float16, as stored), for training and evaluation."""
         videos = list(self.iter_videos())
         texts = list(self.iter_texts())
-        dim, n_frames = self.meta.embed_dim, self.meta.num_frames
+        dim, n_frames, grid = self.meta.embed_dim, self.meta.num_frames, self.meta.patch_grid
+        tokens = token_mask = patches = None
+        if self.meta.text_tokens:
+            n_token = max((b.tokens.shape[1] for b in texts), default=0)
+            tokens = _concat([_pad_axis1(b.tokens, n_token) for b in texts], (0, n_token, dim), np.float16)
+            token_mask = _concat([_pad_axis1(b.token_mask, n_token) for b in texts], (0, n_token), bool)
+        if grid:
+            patches = _concat([b.patches for b in videos], (0, n_frames, grid * grid, dim), np.float16)
         return SplitArrays(
             meta=self.meta,
             video_ids=list(self.video_ids),
@@ -741,6 +822,9 @@ class FeatureSplit:
             text_embeddings=_concat([b.embeddings for b in texts], (0, dim), np.float16),
             text_to_video=self.text_to_video.copy(),
             manifest_sha256=manifest_sha256(self.path),
+            token_embeddings=tokens,
+            token_mask=token_mask,
+            patch_embeddings=patches,
         )
 
     def check_values(self) -> list[str]:
@@ -750,15 +834,16 @@ class FeatureSplit:
         problems = []
         for record in self.readable:
             path = self.shard_path(record)
-            name = "frames" if record.kind == "videos" else "embedding"
+            names = ("frames", "patch_embedding") if record.kind == "videos" else ("embedding", "token_embedding")
             with h5py.File(path, "r") as h5:
                 for start in range(0, record.rows, _ROWS_PER_CHECK):
                     block = slice(start, start + _ROWS_PER_CHECK)
                     ids = _decode(h5["video_id" if record.kind == "videos" else "text_id"][block])
-                    try:
-                        _raise_on_bad_rows(path, name, h5[name][block], ids, start)
-                    except FeatureFormatError as exc:
-                        problems += exc.problems
+                    for name in (n for n in names if n in h5):
+                        try:
+                            _raise_on_bad_rows(path, name, h5[name][block], ids, start)
+                        except FeatureFormatError as exc:
+                            problems += exc.problems
                     if record.kind == "videos":
                         empty = ~h5["frame_mask"][block].any(axis=1)
                         if empty.any():
@@ -768,6 +853,14 @@ class FeatureSplit:
 
 def _concat(blocks: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
     return np.concatenate(blocks) if blocks else np.zeros(empty_shape, dtype=dtype)
+
+
+def _pad_axis1(values: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad (False for bool) axis 1 of ``values`` to ``size``: shards trim tokens to
+    their own longest caption."""
+    pad = [(0, 0)] * values.ndim
+    pad[1] = (0, size - values.shape[1])
+    return np.pad(values, pad)
 
 
 def _raise_on_bad_rows(path: Path, name: str, values: np.ndarray, ids: list[str], offset: int = 0) -> None:

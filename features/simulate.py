@@ -26,9 +26,23 @@ Caption (``captions_per_video`` per video, drawn independently):
       while text-conditioned pooling can attend to the mentioned ones.
     * text = ``text_scale * (normalise(sum_s A c_{k_s} / sqrt(n_named) + text_noise * n) + g_txt)``
 
+Word tokens (``text_tokens``; a separate random stream, so the embeddings above do not
+change): a caption is ``[SOT, words..., EOT]``. Each named scene contributes one word
+that names its concept, ``text_scale * (normalise(A c_{k_s} + word_noise * n) + g_txt)``,
+and up to ``fillers`` filler words come from a shared vocabulary of
+``filler_vocabulary`` directions that name nothing; the words appear in random order.
+SOT is one fixed direction; the EOT token is the caption embedding itself, as CLIP
+pools its text at EOT.
+
+Patch tokens (``patch_grid`` G): in each scene its concept fills a random rectangle of
+the G x G grid (at least one cell, the same in every frame of the scene); the other
+cells show the video's background ``b_v``, a direction no caption names:
+patch = ``image_scale * (normalise(c_{k_s} or b_v + context * u_v + frame_noise * n) + g_img)``.
+
 The ``random`` preset instead draws every frame and caption embedding from a plain
 Gaussian (no structure at all, shapes of MSR-VTT's 1k-A test split): retrieval on it
-must sit at chance, which is what the leak tests measure.
+must sit at chance, which is what the leak tests measure. Its tokens and patches are
+Gaussian too (EOT still the caption embedding).
 
 Embeddings are scaled to norms close to CLIP ViT-B/32's (about 10 for images and 8 for
 texts) and stored like real extracted features: float16, not normalised.
@@ -85,6 +99,9 @@ class SimulationConfig:
     gap: float = 0.8
     image_scale: float = 10.0
     text_scale: float = 8.0
+    word_noise: float = 0.6
+    fillers: int = 3
+    filler_vocabulary: int = 50
     videos_per_shard: int = 2048
 
 
@@ -111,6 +128,8 @@ class _World:
     popularity: np.ndarray  # [n_concepts], sums to 1
     gap_image: np.ndarray  # [dim]
     gap_text: np.ndarray  # [dim]
+    start_word: np.ndarray  # [dim], unit: the SOT token's direction
+    filler_words: np.ndarray  # [filler_vocabulary, dim], unit rows
 
 
 def _make_world(cfg: SimulationConfig, rng: np.random.Generator) -> _World:
@@ -121,18 +140,32 @@ def _make_world(cfg: SimulationConfig, rng: np.random.Generator) -> _World:
     rotation = q * np.sign(np.diag(r))
     popularity = 1.0 / np.arange(1, cfg.n_concepts + 1) ** cfg.zipf
     gaps = _unit(rng.standard_normal((2, dim))) * cfg.gap
-    return _World(concepts, concepts @ rotation.T, popularity / popularity.sum(), gaps[0], gaps[1])
+    words = _unit(rng.standard_normal((1 + cfg.filler_vocabulary, dim)))  # drawn last: the rest is as before
+    return _World(concepts, concepts @ rotation.T, popularity / popularity.sum(), gaps[0], gaps[1], words[0], words[1:])
+
+
+@dataclass
+class _Scenes:
+    """What one video shows and what its captions name (the latent state the tokens and
+    patches are drawn from). ``named [captions_per_video, n_scenes]`` bool."""
+
+    concepts: np.ndarray  # [n_scenes] concept ids
+    scene_of_frame: np.ndarray  # [n_frames]
+    context: np.ndarray  # [dim]
+    named: np.ndarray
 
 
 def _simulate_block(cfg: SimulationConfig, world: _World | None, n_videos: int, captions_per_video: int, rng: np.random.Generator):
     """frames ``[n_videos, n_frames, dim]`` and texts ``[n_videos * captions_per_video, dim]``
-    (captions of video i are rows i*cpv .. i*cpv+cpv-1), float32."""
+    (captions of video i are rows i*cpv .. i*cpv+cpv-1), float32, and each video's
+    :class:`_Scenes` (empty for the structureless preset)."""
     dim, n_frames = cfg.dim, cfg.n_frames
     n_texts = n_videos * captions_per_video
     if world is None:  # the structureless `random` preset
         frames = rng.standard_normal((n_videos, n_frames, dim), dtype=np.float32)
         texts = rng.standard_normal((n_texts, dim), dtype=np.float32)
-        return frames * cfg.image_scale / np.sqrt(dim), texts * cfg.text_scale / np.sqrt(dim)
+        return frames * cfg.image_scale / np.sqrt(dim), texts * cfg.text_scale / np.sqrt(dim), []
+    scenes = []
 
     frames = np.empty((n_videos, n_frames, dim), dtype=np.float32)
     texts = np.empty((n_texts, dim), dtype=np.float32)
@@ -151,10 +184,61 @@ def _simulate_block(cfg: SimulationConfig, world: _World | None, n_videos: int, 
         y = named @ world.text_concepts[scene_concepts] / np.sqrt(named.sum(axis=1, keepdims=True))
         y = y + cfg.text_noise * rng.standard_normal((captions_per_video, dim)) / np.sqrt(dim)
         texts[v * captions_per_video : (v + 1) * captions_per_video] = cfg.text_scale * (_unit(y) + world.gap_text)
-    return frames, texts
+        scenes.append(_Scenes(scene_concepts, scene_of_frame, context, named))
+    return frames, texts, scenes
 
 
-def _meta(cfg: SimulationConfig, split: str, seed: int) -> FeatureMeta:
+def _simulate_tokens(cfg: SimulationConfig, world: _World | None, scenes: list[_Scenes], texts: np.ndarray,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Word tokens of the captions ``texts [n_text, dim]``: token_embedding
+    ``[n_text, n_token, dim]`` float32 and token_mask ``[n_text, n_token]`` (n_token: the
+    longest caption here)."""
+    dim, scale = cfg.dim, cfg.text_scale
+    captions = []  # per caption: its word vectors, before SOT and EOT
+    if world is None:
+        for _ in range(len(texts)):
+            captions.append(rng.standard_normal((int(rng.integers(1, 5)), dim)) * scale / np.sqrt(dim))
+    else:
+        for video in scenes:
+            for named in video.named:
+                names = world.text_concepts[video.concepts[named]]
+                fillers = world.filler_words[rng.integers(cfg.filler_vocabulary, size=int(rng.integers(cfg.fillers + 1)))]
+                words = np.concatenate([names, fillers])[rng.permutation(len(names) + len(fillers))]
+                noisy = words + cfg.word_noise * rng.standard_normal(words.shape) / np.sqrt(dim)
+                captions.append(scale * (_unit(noisy) + world.gap_text))
+    n_token = 2 + max((len(c) for c in captions), default=0)
+    tokens = np.zeros((len(texts), n_token, dim), np.float32)
+    mask = np.zeros((len(texts), n_token), bool)
+    start = scale * (world.start_word + world.gap_text) if world is not None else rng.standard_normal(dim) * scale / np.sqrt(dim)
+    for i, words in enumerate(captions):
+        tokens[i, 0], tokens[i, 1:1 + len(words)], tokens[i, 1 + len(words)] = start, words, texts[i]
+        mask[i, :2 + len(words)] = True
+    return tokens, mask
+
+
+def _simulate_patches(cfg: SimulationConfig, world: _World | None, scenes: list[_Scenes], n_videos: int, grid: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Patch tokens pooled to ``grid x grid``: ``[n_videos, n_frames, grid * grid, dim]`` float32."""
+    dim, n_frames, cells = cfg.dim, cfg.n_frames, grid * grid
+    if world is None:
+        return rng.standard_normal((n_videos, n_frames, cells, dim), dtype=np.float32) * cfg.image_scale / np.sqrt(dim)
+    patches = np.empty((n_videos, n_frames, cells, dim), np.float32)
+    row, col = np.divmod(np.arange(cells), grid)
+    for v, video in enumerate(scenes):
+        background = _unit(rng.standard_normal(dim))
+        inside = np.empty((len(video.concepts), cells), bool)  # [n_scenes, cells]: where each scene's concept is
+        for s in range(len(video.concepts)):
+            top, left = rng.integers(grid, size=2)
+            bottom, right = rng.integers(top, grid) + 1, rng.integers(left, grid) + 1
+            inside[s] = (top <= row) & (row < bottom) & (left <= col) & (col < right)
+        shown = np.where(inside[video.scene_of_frame][..., None], world.concepts[video.concepts[video.scene_of_frame]][:, None],
+                         background)  # [n_frames, cells, dim]
+        noise = rng.standard_normal((n_frames, cells, dim)) / np.sqrt(dim)
+        patches[v] = cfg.image_scale * (_unit(shown + cfg.context * video.context + cfg.frame_noise * noise) + world.gap_image)
+    return patches
+
+
+def _meta(cfg: SimulationConfig, split: str, seed: int, text_tokens: bool, patch_grid: int) -> FeatureMeta:
     return FeatureMeta(
         dataset=f"sim-{cfg.name}",
         split=split,
@@ -166,14 +250,17 @@ def _meta(cfg: SimulationConfig, split: str, seed: int) -> FeatureMeta:
         logit_scale=CLIP_LOGIT_SCALE,
         random_init=False,
         source="simulated",
+        text_tokens=text_tokens,
+        patch_grid=patch_grid,
         extra={"preset": cfg.name, "seed": seed, "generator": dataclasses.asdict(cfg)},
     )
 
 
 def simulate(preset: str | SimulationConfig, out_dir: Path, seed: int = 0, progress: bool = True,
-             overwrite: bool = False) -> dict[str, Path]:
+             overwrite: bool = False, text_tokens: bool = False, patch_grid: int = 0) -> dict[str, Path]:
     """Write the train and test splits of a preset under ``out_dir`` (``out_dir/train``,
     ``out_dir/test``); returns the split directories. Deterministic in ``seed``.
+    ``text_tokens`` adds word tokens, ``patch_grid`` G > 0 patch tokens on a G x G grid.
 
     A split directory holding features made otherwise (extracted, another preset or
     seed) raises :class:`~tmass.features.format.SplitDirError` before anything is
@@ -184,12 +271,12 @@ def simulate(preset: str | SimulationConfig, out_dir: Path, seed: int = 0, progr
     splits = (("train", cfg.train), ("test", cfg.test))
     if not overwrite:  # both splits before either is written
         for split, _ in splits:
-            check_split_dir(out_dir / split, _meta(cfg, split, seed))
+            check_split_dir(out_dir / split, _meta(cfg, split, seed, text_tokens, patch_grid))
     world_seed, *split_seeds = np.random.SeedSequence(seed).spawn(3)
     world = _make_world(cfg, np.random.default_rng(world_seed)) if cfg.structured else None
     written = {}
     for (split, shape), split_seed in zip(splits, split_seeds):
-        meta = _meta(cfg, split, seed)
+        meta = _meta(cfg, split, seed, text_tokens, patch_grid)
         split_dir = written[split] = out_dir / split
         with writing_split(split_dir, meta, overwrite=overwrite) as complete:
             if complete:
@@ -198,6 +285,7 @@ def simulate(preset: str | SimulationConfig, out_dir: Path, seed: int = 0, progr
                 continue
             n_shards = -(-shape.n_videos // cfg.videos_per_shard)
             shard_rngs = [np.random.default_rng(s) for s in split_seed.spawn(n_shards)]
+            token_rngs = [np.random.default_rng(s) for s in split_seed.spawn(n_shards)]  # the next children
             records = []
             for shard in tqdm(range(n_shards), desc=f"simulate {cfg.name}/{split}", unit="shard", disable=not progress):
                 paths = [split_dir / shard_name(kind, shard) for kind in ("videos", "texts")]
@@ -206,12 +294,14 @@ def simulate(preset: str | SimulationConfig, out_dir: Path, seed: int = 0, progr
                     continue
                 first = shard * cfg.videos_per_shard
                 n = min(cfg.videos_per_shard, shape.n_videos - first)
-                frames, texts = _simulate_block(cfg, world, n, shape.captions_per_video, shard_rngs[shard])
+                frames, texts, scenes = _simulate_block(cfg, world, n, shape.captions_per_video, shard_rngs[shard])
+                tokens = _simulate_tokens(cfg, world, scenes, texts, token_rngs[shard]) if text_tokens else (None, None)
+                patches = _simulate_patches(cfg, world, scenes, n, patch_grid, token_rngs[shard]) if patch_grid else None
                 video_ids = [f"{split}-video{first + i:06d}" for i in range(n)]
                 owner = [vid for vid in video_ids for _ in range(shape.captions_per_video)]
                 text_ids = [f"{vid}-cap{c:02d}" for vid in video_ids for c in range(shape.captions_per_video)]
                 captions = [f"simulated caption {c} of {vid}" for vid in video_ids for c in range(shape.captions_per_video)]
-                records.append(write_video_shard(paths[0], meta, video_ids, frames))
-                records.append(write_text_shard(paths[1], meta, text_ids, owner, captions, texts))
+                records.append(write_video_shard(paths[0], meta, video_ids, frames, patches=patches))
+                records.append(write_text_shard(paths[1], meta, text_ids, owner, captions, texts, *tokens))
             write_manifest(split_dir, meta, records)
     return written

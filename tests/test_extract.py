@@ -487,6 +487,62 @@ def test_resume_verifies_the_checkpoint_and_the_model_config(tiny_model, demo_ro
     assert "model_config:" in refused.output
 
 
+def test_token_features_are_the_models_own_tokens(tiny_model, demo_root, tmp_path):
+    """--text-tokens: every caption token through ln_final and the text projection, whose
+    EOT row is the caption embedding; --patch-grid 2 on tiny-clip's 2x2 patches: each
+    cell is one patch token as open_clip itself outputs it (output_tokens), projected."""
+    import decord
+    import open_clip
+    import torch
+    from PIL import Image
+
+    extract("--dataset", "demo", "--data-root", demo_root, "--out", tmp_path, "--model", tiny_model, "--pretrained",
+            "none", "--split", "test", "--shard-size", 2, "--text-tokens", "--patch-grid", 2)
+    split_dir = tmp_path / "demo" / "tiny-clip__none" / "test"
+    assert check_split(split_dir) == []
+    arrays = load_split(split_dir)
+    n_text = len(arrays.text_ids)
+    eot = arrays.token_mask.sum(axis=1) - 1
+    assert (arrays.token_mask == (np.arange(arrays.token_mask.shape[1]) <= eot[:, None])).all()  # SOT .. EOT
+    np.testing.assert_allclose(arrays.token_embeddings[np.arange(n_text), eot].astype(np.float32),
+                               arrays.text_embeddings.astype(np.float32), rtol=2e-3, atol=2e-3)
+    ids = open_clip.get_tokenizer("tiny-clip")(arrays.captions)
+    assert (eot == ids.argmax(dim=-1).numpy()).all()
+
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-clip", pretrained=None)
+    model.eval()
+    model.visual.output_tokens = True
+    row, slots = 2, [0, 7]
+    index = _shards(split_dir, "videos")["frame_index"]
+    reader = decord.VideoReader(str(demo_root / "videos" / f"{arrays.video_ids[row]}.mp4"))
+    pixels = torch.stack([preprocess(Image.fromarray(reader[int(index[row, s])].asnumpy())) for s in slots])
+    with torch.no_grad():
+        _, tokens = model.visual(pixels)
+        cells = (tokens @ model.visual.proj).numpy()  # [2 frames, 4 patches, dim], row-major
+    assert arrays.patch_embeddings.shape == (5, 12, 4, 32)
+    np.testing.assert_allclose(arrays.patch_embeddings[row, slots].astype(np.float32), cells, rtol=2e-3, atol=2e-3)
+
+
+def test_a_one_cell_grid_is_the_mean_of_the_projected_patch_tokens(tiny_model):
+    import torch
+
+    from tmass.extract.encoder import EncoderError, load_encoder
+
+    encoder = load_encoder(tiny_model, "none", "cpu")
+    pixels = torch.randn(3, 3, 32, 32)
+    embeddings, cells = encoder.encode_image_tokens(pixels, 1)
+    encoder.model.visual.output_tokens = True
+    with torch.no_grad():
+        _, tokens = encoder.model.visual(pixels)
+        mean = (tokens @ encoder.model.visual.proj).mean(dim=1).numpy()
+    encoder.model.visual.output_tokens = False
+    np.testing.assert_allclose(cells[:, 0], mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(embeddings, encoder.encode_images(pixels))
+    with pytest.raises(EncoderError, match="--patch-grid 3 exceeds tiny-clip's grid of 2x2 patches"):
+        encoder.token_support(False, 3)
+
+
 # ----------------------------------------------------------------------------- offline
 
 

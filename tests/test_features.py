@@ -368,3 +368,64 @@ def test_a_full_disk_keeps_the_last_complete_shard(small_disk):
     with h5py.File(small_disk / "train" / "videos-00000.h5", "r") as h5:  # the shard before is complete
         assert h5["frames"].shape == (128, 12, 64)
     assert not list(small_disk.rglob(".*tmp*"))
+
+
+# --------------------------------------------------------------------- token-level features
+
+
+def test_simulated_tokens_and_patches_round_trip_with_structure(tmp_path):
+    """Word tokens end in the caption embedding (EOT) and name what the video's patches
+    show; the reader exposes both, pads shards to the longest caption, and says None
+    when a split has none."""
+    from tmass.features.simulate import simulate
+
+    split = simulate("tiny", tmp_path / "tok", seed=2, progress=False, text_tokens=True, patch_grid=3)["train"]
+    arrays = load_split(split)
+    n_text, n_token, dim = arrays.token_embeddings.shape
+    assert (n_text, dim) == arrays.text_embeddings.shape and arrays.token_mask.shape == (n_text, n_token)
+    assert arrays.patch_embeddings.shape == (256, 12, 9, 64)
+    assert arrays.token_mask[:, :3].all() and not arrays.token_embeddings[~arrays.token_mask].any()
+    eot = arrays.token_mask.sum(axis=1) - 1
+    assert np.array_equal(arrays.token_embeddings[np.arange(n_text), eot], arrays.text_embeddings)
+
+    def unit(x):
+        x = x.astype(np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+    # a caption's words (between SOT and EOT) find what they name among its own video's
+    # patches: the best word-patch cosine is higher there than in another video
+    words = unit(arrays.token_embeddings)
+    is_word = arrays.token_mask.copy()
+    is_word[:, 0] = False
+    is_word[np.arange(n_text), eot] = False
+    patches = unit(arrays.patch_embeddings).reshape(256, -1, dim)
+    own = arrays.text_to_video
+    best = [np.where(is_word[..., None], np.einsum("twd,tpd->twp", words, patches[v]), -1).max(axis=(1, 2))
+            for v in (own, (own + 128) % 256)]
+    assert (best[0] > best[1]).mean() > 0.85 and best[0].mean() > best[1].mean() + 0.1, (best[0].mean(), best[1].mean())
+
+    plain = load_split(simulate("tiny", tmp_path / "plain", seed=2, progress=False)["train"])
+    assert plain.token_embeddings is None and plain.token_mask is None and plain.patch_embeddings is None
+    assert np.array_equal(plain.frames, arrays.frames), "tokens come from their own random stream"
+    info = CliRunner().invoke(main, ["features", "info", str(tmp_path / "tok")])
+    assert "token_embedding" in info.output and "3x3 grid, [n_video, 12, 9, 64]" in info.output
+
+
+def test_shards_missing_declared_tokens_are_named(tmp_path):
+    meta = dataclasses.replace(_meta(), text_tokens=True, patch_grid=2)
+    rng = np.random.default_rng(5)
+    with pytest.raises(ValueError, match="declares patch_embedding"):
+        write_video_shard(tmp_path / "v.h5", meta, ["a"], rng.standard_normal((1, 4, 8)))
+    with pytest.raises(ValueError, match="token_embedding has shape"):
+        write_text_shard(tmp_path / "t.h5", meta, ["t"], ["a"], ["x"], rng.standard_normal((1, 8)),
+                         rng.standard_normal((1, 3, 4)), np.ones((1, 3), bool))
+    records = [write_video_shard(tmp_path / shard_name("videos", 0), meta, ["a"], rng.standard_normal((1, 4, 8)),
+                                 patches=rng.standard_normal((1, 4, 4, 8))),
+               write_text_shard(tmp_path / shard_name("texts", 0), meta, ["t"], ["a"], ["x"], rng.standard_normal((1, 8)),
+                                rng.standard_normal((1, 3, 8)), np.ones((1, 3), bool))]
+    write_manifest(tmp_path, meta, records)
+    assert check_split(tmp_path) == []
+    with h5py.File(tmp_path / shard_name("texts", 0), "r+") as h5:
+        del h5["token_mask"]
+    problems = check_split(tmp_path)
+    assert any("texts-00000.h5: token_embedding is (1, 3, 8) with token_mask missing" in p for p in problems), problems
