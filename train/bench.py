@@ -55,6 +55,47 @@ def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int
     }
 
 
+def bench_losses(features: Path, losses: list[str], head: str = "tmass", steps: int = 100, rounds: int = 5,
+                 batch_size: int = 32, device: str = "cpu") -> dict[str, float]:
+    """Seconds per step of each loss in ``losses`` with ``head``, measured fairly on a
+    shared machine: one process, one trainer per loss on the same batches, timed in
+    ``rounds`` interleaved rounds of ``steps / rounds`` steps each (so a burst of load
+    from elsewhere hits every loss alike), after a warm-up."""
+    import torch
+
+    from tmass.features.format import load_split
+    from tmass.train.data import PairData
+    from tmass.train.registry import head_spec
+    from tmass.train.trainer import Trainer, TrainConfig, resolve_configs, resolve_device
+
+    arrays = load_split(Path(features) / "train")
+    dev = resolve_device(device)
+    data = PairData(arrays, dev)
+    trainers = {}
+    for loss in losses:
+        cfg, head_cfg = resolve_configs(TrainConfig(epochs=1, batch_size=batch_size, device=device, loss=loss),
+                                        head_spec(head).make_config(), arrays)
+        trainers[loss] = Trainer(cfg, head_cfg, data, dev)
+    per_round = max(1, steps // rounds)
+    if WARMUP_STEPS + rounds * per_round > next(iter(trainers.values())).steps_per_epoch:
+        raise ValueError(f"{features}: fewer than {WARMUP_STEPS + rounds * per_round} steps in an epoch")
+    batches = list(next(iter(trainers.values())).epoch_batches(0))  # the same batches for every loss
+    for trainer in trainers.values():
+        for rows in batches[:WARMUP_STEPS]:
+            trainer.step(rows)
+    seconds = dict.fromkeys(losses, 0.0)
+    for r in range(rounds):
+        chunk = batches[WARMUP_STEPS + r * per_round : WARMUP_STEPS + (r + 1) * per_round]
+        for loss, trainer in trainers.items():
+            start = time.perf_counter()
+            for rows in chunk:
+                trainer.step(rows)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            seconds[loss] += time.perf_counter() - start
+    return {loss: total / (rounds * per_round) for loss, total in seconds.items()}
+
+
 @click.command()
 @click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--head", type=click.Choice(head_names()), default="tmass", show_default=True)
@@ -63,8 +104,26 @@ def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--full-epoch", is_flag=True, help="Time a whole epoch instead of extrapolating.")
 @click.option("--pooling-path", type=click.Choice(["folded", "module"]), default="folded", show_default=True)
-def main(features, head, steps, batch_size, device, full_epoch, pooling_path):
+@click.option("--losses", default="", help="Comma list of registered losses (or 'all'): seconds per step of each, "
+                                           "timed in interleaved rounds in this process, and the ratio to the first.")
+def main(features, head, steps, batch_size, device, full_epoch, pooling_path, losses):
     """Print seconds per training epoch of HEAD on FEATURES/train."""
+    if losses:
+        from tmass.train.losses import loss_names
+
+        names = list(loss_names()) if losses == "all" else [n.strip() for n in losses.split(",") if n.strip()]
+        unknown = [n for n in names if n not in loss_names()]
+        if unknown:
+            raise click.BadParameter(f"unknown loss {unknown[0]!r}; choose from {', '.join(loss_names())}",
+                                     param_hint="--losses")
+        try:
+            times = bench_losses(features, names, head, steps, batch_size=batch_size, device=device)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        for name, per_step in times.items():
+            click.echo(f"{head} batch {batch_size} loss {name}: {per_step * 1e3:.1f} ms/step, "
+                       f"{per_step / times[names[0]]:.2f}x {names[0]}")
+        return
     r = bench(features, head, steps, batch_size, device, full_epoch, pooling_path)
     how = f"extrapolated from {r['timed_steps']} steps" if r["extrapolated"] else "whole epoch timed"
     click.echo(

@@ -113,6 +113,7 @@ class PairData:
         self.frame_mask = torch.as_tensor(arrays.frame_mask, device=device)  # [n_video, n_frames]
         self.text_to_video = torch.as_tensor(arrays.text_to_video, device=device)  # [n_text]
         self.text_ids = list(arrays.text_ids)
+        self.video_ids = list(arrays.video_ids)
 
     def __len__(self) -> int:
         return self.text.shape[0]

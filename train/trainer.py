@@ -206,6 +206,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.noise = torch.Generator(device=device).manual_seed(cfg.seed)  # stochastic text
         self.loss = build_loss(cfg.loss, cfg.loss_options)
+        self.loss.prepare(data.text_ids, data.video_ids)
         self.steps_per_epoch = len(data) // cfg.batch_size  # the last, incomplete batch is dropped
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(data)} training pairs are fewer than one batch of {cfg.batch_size}")

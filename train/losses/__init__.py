@@ -10,7 +10,11 @@ in the group ``tmass.losses`` (``name = "package.module:LossClass"``). ``tmass t
 --loss NAME`` lists every registered name, and each config field becomes an option.
 
 Built in: ``infonce`` (symmetric cross-entropy, Eq. 1-2; the default) and ``triplet-hn``
-(VSE++'s max-violation triplet).
+(VSE++'s max-violation triplet); from the seed papers (related-abstracts-a): ``s-ndcg``
+(listwise Smooth-NDCG plus InfoNCE), ``selhn`` (selectively hard negatives),
+``triplet-sn`` and ``kendall`` (BCLS: soft negative mining; Kendall rank correlation
+with continuous pseudo labels), ``unified`` (the unified pair-similarity loss, which
+holds Triplet-HN and VLC as special cases). Pseudo labels: :mod:`.relevance`.
 
 **Loss terms** (Table 6 of the paper; ``--loss-terms`` is a comma list of them) are the
 text variants the chosen loss is applied to, each scored against the same pooled videos
@@ -48,6 +52,11 @@ from tmass.train.registry import head_spec
 LOSSES = {
     "infonce": "tmass.train.losses.infonce:InfoNCE",
     "triplet-hn": "tmass.train.losses.triplet:TripletHN",
+    "s-ndcg": "tmass.train.losses.sndcg:SmoothNDCG",
+    "selhn": "tmass.train.losses.selhn:SelHN",
+    "triplet-sn": "tmass.train.losses.bcls:TripletSN",
+    "kendall": "tmass.train.losses.bcls:Kendall",
+    "unified": "tmass.train.losses.unified:Unified",
 }
 ENTRY_POINT_GROUP = "tmass.losses"
 DEFAULT_LOSS = "infonce"
@@ -78,6 +87,11 @@ class Loss:
 
     def __init__(self, cfg=None):
         self.cfg = cfg if cfg is not None else self.Config()
+
+    def prepare(self, text_ids: list[str], video_ids: list[str]) -> None:
+        """Called once before the first step with the training split's caption and video
+        ids (a batch's ``text_rows`` and ``video_rows`` index them): a loss that reads
+        per-pair data from a file maps it here. Most losses need nothing."""
 
     def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -1,0 +1,138 @@
+"""BCLS, Binary and Continuous Label Supervision (Li et al.): ``triplet-sn`` learns the
+binary labels, ``kendall`` adds the continuous pseudo labels to it.
+
+**triplet-sn**, triplet loss with soft negative mining. Instead of the hardest negative
+alone, every negative n of an anchor counts, weighted by its softmax share of hardness::
+
+    w_n   = softmax_n(s_n / mining_temperature)      (no gradient: a mining step)
+    L_i   = sum_n w_n [margin + s_n - s_p]_+
+
+per text against the videos and per video against the texts, ``total = mean t2v + mean
+v2t`` (as ``triplet-hn``). ``mining_temperature -> 0`` is Triplet-HN, a large one the
+triplet loss averaged over negatives. Other captions of the same video are never
+negatives.
+
+**kendall**: Triplet-SN plus ``kendall_weight`` times a Kendall ranking loss between the
+predicted similarities and the continuous pseudo labels r (:mod:`.relevance`). For a
+list (a caption's videos, each distinct video once; or a video's captions) Kendall's tau
+averages ``sign(s_a - s_b) sign(r_a - r_b)`` over pairs; the loss is ``1 - tau`` with
+the sign of the predicted difference smoothed to ``tanh((s_a - s_b) /
+kendall_temperature)`` (differentiable) and the pair ordered so that ``r_a > r_b``.
+
+Sliding window and hard samples (SW-HS), against the pseudo labels' noise and the
+quadratic number of pairs: the list is sorted by pseudo label (ties: the model's
+higher score first, so the window after an item holds its hardest equally-labelled
+rivals), each item is compared only with the next ``window`` items in that order
+(neighbours in label order; far-apart pairs are rarely wrong), a pair whose labels
+differ by ``label_noise`` or less is skipped (its order is noise), and of an item's
+remaining pairs only the hardest (least agreeing) counts. So each item adds at most one
+term, as in a triplet loss. The window, noise threshold and the hardest-per-item
+choice are our reading of the abstract; the defaults are ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tmass.train.config import setting
+from tmass.train.data import Batch
+from tmass.train.losses import Loss, Scores
+from tmass.train.losses.relevance import PseudoLabelConfig, PseudoLabelLoss, both_lists
+
+
+def soft_negative_triplet(cos: torch.Tensor, positives: torch.Tensor, margin: float,
+                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos ``[n, n]`` text-major with pair i on the diagonal, positives ``[n, n]`` bool ->
+    (mean over texts, mean over videos) of the softly mined hinge above."""
+    positive = cos.diagonal()  # [n]
+
+    def direction(sims: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:  # [anchor, candidate]
+        hinge = (margin + sims - positive[:, None]).clamp_min(0)
+        weights = torch.softmax(sims.detach().masked_fill(positives, float("-inf")) / temperature, dim=1)
+        return (weights.nan_to_num(0.0) * hinge).sum(dim=1)  # an anchor without negatives: NaN weights -> 0
+
+    return direction(cos, positives).mean(), direction(cos.T, positives.T).mean()
+
+
+def kendall_ranking(scores: torch.Tensor, relevance: torch.Tensor, valid: torch.Tensor, window: int,
+                    label_noise: float, temperature: float) -> torch.Tensor:
+    """``1 - tau`` (smooth Kendall, SW-HS; see the module docstring) over lists.
+
+    scores, relevance ``[n_list, n_item]`` (predicted similarity, pseudo label), valid
+    ``[n_list, n_item]`` bool (items in the list). Returns a scalar; 0 (with a gradient
+    path) when no pair qualifies."""
+    n_item = scores.shape[1]
+    # order each list by label, ties by the model's score, both descending
+    by_score = torch.argsort(scores.detach(), dim=1, descending=True)
+    label = relevance.gather(1, by_score).masked_fill(~valid.gather(1, by_score), float("-inf"))
+    order = by_score.gather(1, torch.argsort(label, dim=1, descending=True, stable=True))
+    s, r, v = scores.gather(1, order), relevance.gather(1, order), valid.gather(1, order)
+    # item p against items p + 1 .. p + window, as one gather: partner [n_item, window]
+    partner = torch.arange(n_item, device=scores.device)[:, None] + torch.arange(1, window + 1, device=scores.device)
+    inside = partner < n_item
+    partner = partner.clamp_max(n_item - 1)
+    agree = torch.tanh((s[:, :, None] - s[:, partner]) / temperature)  # [n_list, n_item, window]
+    usable = inside & v[:, :, None] & v[:, partner] & (r[:, :, None] - r[:, partner] > label_noise)
+    hardest = agree.masked_fill(~usable, 2.0).amin(dim=2)  # [n_list, n_item]; 2 > any tanh
+    counted = usable.any(dim=2)
+    if not counted.any():
+        return scores.sum() * 0.0
+    return 1.0 - hardest[counted].mean()
+
+
+@dataclass(frozen=True)
+class TripletSNConfig:
+    margin: float = setting(0.2, help="Margin on cosine similarities (as the triplet loss's).")
+    mining_temperature: float = setting(
+        0.1, help="Softmax temperature of the soft negative mining: -> 0 is the hardest "
+                  "negative alone, large is every negative alike.")
+
+    def __post_init__(self):
+        if self.margin < 0 or self.mining_temperature <= 0:
+            raise ValueError(f"margin must be >= 0 and mining_temperature > 0, got {self.margin} and "
+                             f"{self.mining_temperature}")
+
+
+@dataclass(frozen=True)
+class KendallConfig(TripletSNConfig, PseudoLabelConfig):
+    kendall_weight: float = setting(1.0, help="Weight of the Kendall ranking loss added to Triplet-SN.")
+    kendall_temperature: float = setting(
+        0.05, help="Temperature of tanh((s_a - s_b) / T), the smooth sign of a predicted similarity difference.")
+    window: int = setting(5, help="Sliding window: each item is compared with the next WINDOW items in label order.")
+    label_noise: float = setting(0.05, help="Pairs whose pseudo labels differ by this or less are skipped as noise.")
+
+    def __post_init__(self):
+        TripletSNConfig.__post_init__(self)
+        PseudoLabelConfig.__post_init__(self)
+        if self.kendall_weight < 0 or self.kendall_temperature <= 0 or self.window < 1 or self.label_noise < 0:
+            raise ValueError("kendall_weight and label_noise must be >= 0, kendall_temperature > 0, window >= 1")
+
+
+class TripletSN(Loss):
+    """Triplet loss with soft negative mining; reports its two directions as parts."""
+
+    name = "triplet-sn"
+    Config = TripletSNConfig
+
+    def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
+        t2v, v2t = soft_negative_triplet(scores.cos, batch.positives, self.cfg.margin, self.cfg.mining_temperature)
+        return {"t2v": t2v, "v2t": v2t, "total": t2v + v2t}
+
+
+class Kendall(PseudoLabelLoss):
+    """BCLS: Triplet-SN on the binary labels plus the Kendall ranking loss on the pseudo
+    labels, over each caption's list of distinct videos and each distinct video's list
+    of captions (all lists' terms averaged together); reports ``triplet`` and
+    ``kendall`` (the unweighted 1 - tau)."""
+
+    name = "kendall"
+    Config = KendallConfig
+
+    def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        t2v, v2t = soft_negative_triplet(scores.cos, batch.positives, cfg.margin, cfg.mining_temperature)
+        rank = kendall_ranking(*both_lists(batch, scores.cos, self.relevance(batch)), cfg.window, cfg.label_noise,
+                               cfg.kendall_temperature)
+        return {"triplet": t2v + v2t, "kendall": rank, "total": t2v + v2t + cfg.kendall_weight * rank}
