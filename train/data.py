@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tmass.features.format import SplitArrays
+from tmass.train.heads.base import TextFeatures, VideoFeatures
 
 _HASH_BYTES = 8  # of a video id's SHA-256, read as an integer in [0, 2**64)
 
@@ -55,6 +56,9 @@ def subset_videos(arrays: SplitArrays, keep: np.ndarray) -> SplitArrays:
         captions=[arrays.captions[i] for i in texts],
         text_embeddings=arrays.text_embeddings[texts],
         text_to_video=new_row[arrays.text_to_video[texts]],
+        token_embeddings=None if arrays.token_embeddings is None else arrays.token_embeddings[texts],
+        token_mask=None if arrays.token_mask is None else arrays.token_mask[texts],
+        patch_embeddings=None if arrays.patch_embeddings is None else arrays.patch_embeddings[rows],
     )
 
 
@@ -88,7 +92,10 @@ class Batch:
     text_rows ``[B]`` int64: the captions' rows in the split; video_rows ``[B]`` int64:
     each caption's video row (``text_to_video[text_rows]``), repeated when captions share
     a video; text_ids: the B caption ids; text ``[B, dim]``: CLIP text embeddings;
-    frames ``[B, n_frames, dim]`` and frame_mask ``[B, n_frames]``: column i's video."""
+    frames ``[B, n_frames, dim]`` and frame_mask ``[B, n_frames]``: column i's video.
+    Token features, when the split has them (None otherwise): tokens
+    ``[B, n_token, dim]`` and token_mask ``[B, n_token]`` (caption i's words), patches
+    ``[B, n_frames, n_patch, dim]`` (column i's video)."""
 
     text_rows: torch.Tensor
     video_rows: torch.Tensor
@@ -96,6 +103,14 @@ class Batch:
     text: torch.Tensor
     frames: torch.Tensor
     frame_mask: torch.Tensor
+    tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
+
+    def features(self) -> tuple[TextFeatures, VideoFeatures]:
+        """The batch as a head's scoring reads it: B queries and the B videos of their columns."""
+        return (TextFeatures(self.text, self.tokens, self.token_mask),
+                VideoFeatures(self.frames, self.frame_mask, self.patches))
 
     @property
     def positives(self) -> torch.Tensor:
@@ -105,7 +120,9 @@ class Batch:
 
 
 class PairData:
-    """One split's pairs as tensors on ``device`` (float16, as stored)."""
+    """One split's pairs as tensors on ``device`` (float16, as stored). Token features,
+    when the split has them, stay the split's host arrays (they are the largest) and
+    are sliced per batch."""
 
     def __init__(self, arrays: SplitArrays, device: torch.device | str = "cpu"):
         self.text = torch.as_tensor(arrays.text_embeddings, device=device)  # [n_text, dim]
@@ -114,6 +131,7 @@ class PairData:
         self.text_to_video = torch.as_tensor(arrays.text_to_video, device=device)  # [n_text]
         self.text_ids = list(arrays.text_ids)
         self.video_ids = list(arrays.video_ids)
+        self.tokens, self.token_mask, self.patches = arrays.token_embeddings, arrays.token_mask, arrays.patch_embeddings
 
     def __len__(self) -> int:
         return self.text.shape[0]
@@ -122,7 +140,15 @@ class PairData:
         """The pairs of caption ``rows`` ``[B]``, float32 embeddings."""
         rows = rows.to(self.text.device)
         videos = self.text_to_video[rows]
+
+        def host(array, index):  # a token array's rows, float32 on the pairs' device
+            if array is None:
+                return None
+            value = torch.from_numpy(array[index.cpu().numpy()]).to(self.text.device)
+            return value.float() if value.is_floating_point() else value
+
         return Batch(
             text_rows=rows, video_rows=videos, text_ids=[self.text_ids[r] for r in rows.tolist()],
             text=self.text[rows].float(), frames=self.frames[videos].float(), frame_mask=self.frame_mask[videos],
+            tokens=host(self.tokens, rows), token_mask=host(self.token_mask, rows), patches=host(self.patches, videos),
         )

@@ -85,29 +85,36 @@ class VideoFeatures(_Features):
 
 # feature a head may declare (tmass.train.registry.FEATURES) -> the SplitArrays fields
 # (tmass.features.format) it reads, as (TextFeatures or VideoFeatures field, array) pairs
-_SPLIT_FIELDS = {
-    "frames": (("video", "frames", "frames"), ("video", "frame_mask", "frame_mask")),
-    "word_tokens": (("text", "tokens", "token_embedding"), ("text", "token_mask", "token_mask")),
-    "patch_tokens": (("video", "patches", "patch_embedding"),),
+TOKEN_FIELDS = {
+    "word_tokens": (("text", "tokens", "token_embeddings"), ("text", "token_mask", "token_mask")),
+    "patch_tokens": (("video", "patches", "patch_embeddings"),),
 }
 _EXTRACT_OPTION = {"word_tokens": "--text-tokens", "patch_tokens": "--patch-grid G"}
 
 
-def split_features(arrays, needs) -> tuple[TextFeatures, VideoFeatures]:
+def require_tokens(text: TextFeatures, video: VideoFeatures, needs, head: str = "") -> None:
+    """ValueError, one line naming ``head``, the missing feature and the extract option,
+    when ``text`` or ``video`` lack a token feature that ``needs`` (a head's declared
+    features) names."""
+    for need in sorted(set(needs) & set(TOKEN_FIELDS)):
+        if any(getattr(text if side == "text" else video, name) is None for side, name, _ in TOKEN_FIELDS[need]):
+            raise ValueError(f"{f'head {head}' if head else 'the head'} needs {need.replace('_', ' ')}: "
+                             f"extract with {_EXTRACT_OPTION[need]}")
+
+
+def split_features(arrays, needs, head: str = "") -> tuple[TextFeatures, VideoFeatures]:
     """A split's (``tmass.features.format.SplitArrays``) features as a head reads them,
-    as stored (float16 arrays become float16 tensors): the caption embeddings always,
-    and what ``needs`` (a head's declared features) names. A feature the split lacks is
-    a ValueError that says how to extract it."""
-    text = {"embedding": torch.from_numpy(arrays.text_embeddings)}
-    video = {"frames": torch.from_numpy(arrays.frames), "frame_mask": torch.from_numpy(arrays.frame_mask)}
-    for need in needs:
-        for side, name, field in _SPLIT_FIELDS[need]:
-            value = getattr(arrays, field, None)
-            if value is None:
-                raise ValueError(f"the head needs {need.replace('_', ' ')}, which these features lack "
-                                 f"({field}); extract them with `tmass extract {_EXTRACT_OPTION[need]}`")
-            (text if side == "text" else video)[name] = torch.from_numpy(value)
-    return TextFeatures(**text), VideoFeatures(**video)
+    as stored (float16 arrays become float16 tensors): the caption embeddings and frames
+    always, and the token features ``needs`` (a head's declared features) names. A
+    feature the split lacks is a ValueError that says how to extract it."""
+    text = TextFeatures(torch.from_numpy(arrays.text_embeddings))
+    video = VideoFeatures(torch.from_numpy(arrays.frames), torch.from_numpy(arrays.frame_mask))
+    for need in set(needs) & set(TOKEN_FIELDS):
+        for side, name, field in TOKEN_FIELDS[need]:
+            value = getattr(arrays, field)
+            setattr(text if side == "text" else video, name, None if value is None else torch.from_numpy(value))
+    require_tokens(text, video, needs, head)
+    return text, video
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,13 @@ class RetrievalHead(nn.Module):
     def score(self, text: TextFeatures, video: VideoFeatures, eps: torch.Tensor | None = None) -> torch.Tensor:
         """Scores ``[n_text, n_video]``, each a function of its own pair (module doc)."""
         raise NotImplementedError
+
+    def train_scores(self, text: TextFeatures, video: VideoFeatures) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training's view of one batch (B queries, the B videos of their columns): the
+        cosine scores ``[B, B]`` the loss is applied to, and the head's own extra loss
+        terms (named scalars, already weighted; a regulariser such as TC-MGC's SDR),
+        which the generic training path adds to the total. Default: ``score``, none."""
+        return self.score(text, video), {}
 
     def logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), a scalar tensor with its gradient (see :meth:`cap_logit_scale_`)."""

@@ -43,9 +43,8 @@ import torch.nn.functional as F
 
 from tmass.train.data import Batch
 from tmass.train.folded import folded_xpool
-from tmass.train.heads import (
-    RetrievalHead, TextFeatures, VideoFeatures, paired_frame_similarity, stochastic_text, support_text,
-)
+from tmass.train.heads import RetrievalHead, paired_frame_similarity, stochastic_text, support_text
+from tmass.train.heads.base import require_tokens
 from tmass.train.registry import head_spec
 
 # name -> "module:class"; imported on first use
@@ -198,8 +197,14 @@ def batch_losses(
     if not hasattr(head, "pool"):  # any other head: the loss on its own scores (the generic contract)
         if terms != ("ce",):
             raise ValueError(f"head {head.cfg.head!r} scores pairs itself; it trains on loss term ce only, not {terms}")
-        cos = head.score(TextFeatures(batch.text), VideoFeatures(batch.frames, batch.frame_mask))[None]  # [1, B, B]
-        return _weighted(batch, loss, ("ce",), cos, cos * head.logit_scale(), support_weight)
+        text, video = batch.features()
+        require_tokens(text, video, head_spec(head.cfg.head).features, head.cfg.head)
+        cos, extra = head.train_scores(text, video)  # [B, B], the head's own terms
+        losses = _weighted(batch, loss, ("ce",), cos[None], cos[None] * head.logit_scale(), support_weight)
+        for name, value in extra.items():
+            losses[f"head.{name}"] = value
+            losses["total"] = losses["total"] + value
+        return losses
     text, frames, frame_mask = batch.text, batch.frames, batch.frame_mask
     if pooling_path == "folded" and "folded-xpool" in head_spec(head.cfg.head).fast_paths:
         pooled = folded_xpool(head.pooling, text, frames, frame_mask)  # [B(text), B(video), dim]
