@@ -32,7 +32,8 @@ head scores those K and the best are reported. K >= n_video is exhaustive search
 ``python -m tmass.search_bench`` measures how much of the exhaustive R@10 a given K keeps.
 
 **First stage.** Exact (faiss ``IndexFlatIP``) up to :data:`EXACT_LIMIT` videos: one
-query reads every embedding, about 20 ms per 100k videos on two cores. Beyond, an
+query reads every embedding (40 ms per 100k videos, one thread, measured on the 2-core
+machine under heavy load). Beyond, an
 inverted file (``IndexIVFFlat``, ``sqrt(n)`` lists, ``nprobe`` = 64 of them searched) reads
 about 6 % of a million videos per query. IVF rather than HNSW: its memory is the
 vectors plus the list centroids, it trains in minutes on a CPU, and adding videos later
