@@ -54,6 +54,7 @@ HEADS = {
     "xpool": "tmass.train.heads.xpool:XPOOL",
     "tmass": "tmass.train.heads.xpool:TMASS",
     "ea": "tmass.train.heads.ea:SPEC",
+    "tc-mgc": "tmass.train.heads.tcmgc:SPEC",
 }
 
 
