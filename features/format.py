@@ -440,8 +440,23 @@ def write_manifest(
         **(extra or {}),
     }
     final = split_dir / MANIFEST
+    # A re-run that found every shard complete assembles the same manifest: keep the file
+    # (its `created` too), so that the split's identity, the manifest SHA-256 that training
+    # runs record, does not change and those runs still resume.
+    if _same_but_created(final, manifest):
+        return final
     write_json_atomic(final, manifest)
     return final
+
+
+def _same_but_created(path: Path, manifest: dict) -> bool:
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    now = json.loads(json.dumps(manifest))  # tuples -> lists, as the file holds them
+    return isinstance(before, dict) and {k: v for k, v in before.items() if k != "created"} == {
+        k: v for k, v in now.items() if k != "created"}
 
 
 def manifest_sha256(split_dir: Path) -> str:
