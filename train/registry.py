@@ -55,6 +55,7 @@ HEADS = {
     "tmass": "tmass.train.heads.xpool:TMASS",
     "ea": "tmass.train.heads.ea:SPEC",
     "tc-mgc": "tmass.train.heads.tcmgc:SPEC",
+    "prota": "tmass.train.heads.prota:SPEC",
 }
 
 
