@@ -4,6 +4,7 @@ re-runs, `make help`, and the examples in `tmass --help`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -71,6 +72,23 @@ def test_auto_falls_back_to_the_demo_encoder_offline():
     encoder = load_encoder("ViT-B-32", "auto", device="cpu")
     assert (encoder.name, encoder.weights, encoder.label) == ("tmass-demo", str(demo_encoder.CHECKPOINT), demo_encoder.LABEL)
     assert not encoder.random_init
+
+
+def test_a_second_extraction_keeps_the_features_identity(tmp_path):
+    """What a second `make demo` relies on: re-running the extraction reuses every shard and
+    leaves the manifest (whose SHA-256 training runs record, to resume) unchanged."""
+    root = render_demo(tmp_path / "data", DemoSpec(n_train=4, n_test=3, seconds=1.0), progress=False)
+    args = ["extract", "--dataset", "demo", "--data-root", str(root), "--out", str(tmp_path / "features"),
+            "--model", demo_encoder.NAME, "--pretrained", str(demo_encoder.CHECKPOINT), "--split", "test"]
+    manifest = tmp_path / "features" / "demo" / "tmass-demo__tmass-demo" / "test" / "manifest.json"
+    digests = []
+    for _ in range(2):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        digests.append(sha256_file(manifest))
+    assert digests[0] == digests[1]
+    meta = json.loads(manifest.read_text())["meta"]
+    assert meta["extra"]["encoder_label"] == demo_encoder.LABEL
 
 
 def test_training_the_demo_encoder_is_deterministic(tmp_path):
