@@ -56,6 +56,7 @@ HEADS = {
     "ea": "tmass.train.heads.ea:SPEC",
     "tc-mgc": "tmass.train.heads.tcmgc:SPEC",
     "prota": "tmass.train.heads.prota:SPEC",
+    "visern": "tmass.train.heads.visern:SPEC",
 }
 
 
