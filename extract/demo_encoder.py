@@ -5,9 +5,8 @@ that are all alike, and every number sits at chance).
 It is an ordinary open_clip model, described in open_clip's own model-config format
 (``demo-encoder/tmass-demo.json``: a 3-layer ViT on 48x48 frames and a 2-layer text
 transformer with CLIP's tokenizer, embedding width 64: small enough to train on a
-contended 2-core CPU) and saved as an open_clip
-checkpoint (``demo-encoder/tmass-demo.pt``, float16, a ``state_dict`` entry as
-open_clip_train writes it). The demo loads it the way a user's own checkpoint is loaded:
+contended 2-core CPU) and saved as an open_clip checkpoint (``demo-encoder/tmass-demo.pt``,
+float16, a ``state_dict`` entry as open_clip_train writes it, 7.0 MiB). The demo loads it the way a user's own checkpoint is loaded:
 ``--model tmass-demo --pretrained extract/demo-encoder/tmass-demo.pt``; the model name
 resolves because :func:`register` adds the config to open_clip's registry. Every output
 made with it says :data:`LABEL`.
@@ -19,7 +18,9 @@ scenes, in order, colours sometimes left out) and one random frame of every scen
 caption names; the clip's image embedding is the mean over those frames. open_clip's
 ``ClipLoss`` (symmetric InfoNCE with a learned temperature) pulls each caption towards
 the frames it is about. So the text tower learns what a partial caption refers to, and
-frames of different scenes stay apart: what text-conditioned pooling needs.
+frames of different scenes stay apart: what text-conditioned pooling needs. The shipped
+weights, on 100 held-out clips (one caption each, chance R@1 1 %): R@1 16 % against the
+mean of all frames, 27 % against the frames the caption names.
 
 Reproduce the shipped weights (deterministic on CPU for a given torch version and thread
 count; the spec fixes 1 thread)::
