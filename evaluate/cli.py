@@ -10,16 +10,6 @@ from pathlib import Path
 import click
 
 
-def _split_dir(features: Path, split: str) -> Path:
-    """``features`` may be a split directory itself or a features directory holding splits."""
-    if (features / "manifest.json").is_file():
-        return features
-    candidate = features / split
-    if not (candidate / "manifest.json").is_file():
-        raise click.ClickException(f"{features}: neither a split directory nor holding a '{split}/' split with a manifest.json")
-    return candidate
-
-
 def _table(report: dict) -> str:
     rows = [f"{'':6}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MdR':>7}{'MnR':>8}{'n':>7}"]
     for name, metrics in (("t2v", report.get("t2v")), ("v2t", report.get("v2t")),
@@ -36,7 +26,7 @@ def _table(report: dict) -> str:
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="A run's best.pt or last.pt.")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate when --features holds several.")
-@click.option("--trials", type=int, default=20, show_default=True,
+@click.option("--trials", type=click.IntRange(min=0), default=20, show_default=True,
               help="T-MASS samples per text-video pair, best kept (paper: 20); 0 = w/o sampling.")
 @click.option("--direction", type=click.Choice(["t2v", "v2t", "both"]), default="both", show_default=True)
 @click.option("--dsl", is_flag=True,
@@ -53,10 +43,15 @@ def _table(report: dict) -> str:
               help="fresh: eps per (text, video, trial) as in the paper; shared: one eps per (text, trial) "
                    "across all videos (variance reduction).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the keyed noise.")
-@click.option("--chunk-pairs", type=int, default=16384, show_default=True,
-              help="Text-video pairs scored at once; bounds memory, never changes a score.")
-@click.option("--path", "path_", type=click.Choice(["fast", "naive"]), default="fast", show_default=True,
-              help="naive: the reference implementation (slow; for checks).")
+@click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Working memory of one chunk of pairs; chunks are sized from it and never change a score "
+                   "[default: 2 on CPU, half the free GPU memory on CUDA].")
+@click.option("--chunk-pairs", type=click.IntRange(min=1), default=None,
+              help="At most this many text-video pairs at once (for checks) [default: as many as --memory-gb holds].")
+@click.option("--path", "path_", type=click.Choice(["fast", "torch", "naive"]), default="fast", show_default=True,
+              help="fast: the fused numba kernel on CPU, the torch scorer on other devices; torch: the torch "
+                   "scorer on any device (same noise, same scores); naive: the reference implementation "
+                   "(slow; for checks).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--save-sims", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the [n_text, n_video] score matrix with its ids: FILE.npz holds sims, text_ids and "
@@ -65,7 +60,7 @@ def _table(report: dict) -> str:
               help="Write metrics, labels, config and hashes as JSON.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
               help="Write the paper's Fig. 5 analysis here (T-MASS heads: t against the selected t_s).")
-def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, noise, seed, chunk_pairs, path_, device,
+def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, noise, seed, memory_gb, chunk_pairs, path_, device,
              save_sims, json_path, figures):
     """Score every caption against every video of a split with a trained head and print
     R@1/5/10, MdR and MnR for text-to-video and video-to-text."""
@@ -73,16 +68,20 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
 
     from tmass import __version__
     from tmass.evaluate.scores import EvalConfig, metrics_report, resolve_device, score_split
-    from tmass.features.format import FeatureFormatError, load_split, sha256_file
+    from tmass.features.format import FeatureFormatError, load_split, locate_split, sha256_file
     from tmass.train.trainer import features_identity, identity_mismatch, load_checkpoint
 
-    split_dir = _split_dir(features, split)
     try:
+        device = str(resolve_device(device))  # a GPU that is not there: said before any work
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
+    try:
+        split_dir = locate_split(features, split)
         arrays = load_split(split_dir)
     except FeatureFormatError as exc:
-        raise click.ClickException(f"features fail validation:\n{exc}") from exc
+        raise click.BadParameter(exc.summary(), param_hint="--features") from exc
     config = EvalConfig(trials=trials, seed=seed, protocol=protocol, noise=noise, path=path_,
-                        chunk_pairs=chunk_pairs, device=device)
+                        memory_gb=memory_gb, chunk_pairs=chunk_pairs, device=device)
     try:
         head, info = load_checkpoint(checkpoint, resolve_device(device))
     except ValueError as exc:  # e.g. a plugin head that is no longer installed

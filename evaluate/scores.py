@@ -24,22 +24,28 @@ caption the reference's padding makes the score undefined; it is NaN here too, a
 metrics treat it as the reference does (:mod:`tmass.evaluate.metrics`). On
 structureless random features this alone lifts R@1 far above chance.
 
-Two implementations share the noise and are tested equal:
+Three paths share the noise and are tested equal (``EvalConfig.path``):
 
 * ``naive``: the head's own ``score`` on [n_text, n_video, ...] chunks and the sampled
   texts materialised as ``[n_text, n_video, trials, dim]``: the reference, kept simple.
   It is the generic path: every registered head is scored this way unless it offers a
   fast path (``HeadSpec.fast_paths``).
-* ``fast``: for heads offering ``folded-xpool`` (X-Pool, T-MASS), on CPU, X-Pool's out_proj, LayerNorm affine and residual linear commute
-  with the attention-weighted sum over frames, so the dim x dim products are applied
-  once per frame, not once per pair (:class:`FoldedXPool`). Per pair only the attention
-  weights (one GEMM for all pairs), two weighted sums over frames, O(n_frames * dim), and
-  the sampling, O(trials * dim), remain; a fused numba kernel does both without ever
-  materialising pooled videos or eps. On CUDA the head's own forward pass is already
-  fast; there ``fast`` means large chunks with materialised eps.
+* ``torch`` (any device), for heads offering ``folded-xpool`` (X-Pool, T-MASS): X-Pool's
+  out_proj, LayerNorm affine and residual linear commute with the attention-weighted
+  sum over frames, so the dim x dim products are applied once per frame, not once per
+  pair (:class:`FoldedXPool`). Per pair only the attention weights (one GEMM per chunk),
+  two weighted sums over frames (batched GEMMs, :func:`tmass.train.folded.pool_folded`)
+  and the sampling remain; eps is drawn by :func:`tmass.evaluate.sampling.keyed_noise`,
+  the same bits as the numba kernel's, so CPU and CUDA scores agree. Other heads are
+  scored by their own ``score``, chunks sized the same way.
+* ``fast``: on CPU the fused numba kernel (:func:`tmass.evaluate.sampling.pool_and_score`:
+  the same folding, and neither pooled videos nor eps ever exist in memory); on any other
+  device the ``torch`` path. So ``fast``, the default, is the torch scorer on CUDA.
 
-Memory is bounded by ``chunk_pairs`` text-video pairs at a time, never by
-n_text x n_video x dim.
+Memory: pairs are scored a chunk at a time, and a chunk holds as many pairs as
+``EvalConfig.memory_gb`` allows by an estimate of each path's working set per pair
+(:func:`chunk_size`), never n_text x n_video x dim: the torch and naive paths hold
+``[pairs, trials, dim]`` eps per chunk, the numba kernel none.
 """
 
 from __future__ import annotations
@@ -54,14 +60,22 @@ from tqdm import tqdm
 from tmass.evaluate.metrics import caption_slots, dual_softmax, reference_dual_softmax, retrieval_metrics
 from tmass.evaluate.sampling import NOISE_MODES, KernelInputs, id_keys, keyed_noise, pool_and_score
 from tmass.features.format import SplitArrays
-from tmass.train.folded import fold_frames
+from tmass.train.folded import fold_frames, pool_folded
 from tmass.train.heads import RetrievalHead, TextFeatures, VideoFeatures, XPoolFusion, frame_similarity, sample_scores
 from tmass.train.heads.base import split_features
 from tmass.train.registry import head_spec
 from tmass.train.trainer import resolve_device
 
 PROTOCOLS = ("leak-free", "reference")
-PATHS = ("fast", "naive")
+PATHS = ("fast", "torch", "naive")
+CPU_MEMORY_GB = 2.0  # a chunk's working memory on a CPU when EvalConfig.memory_gb is None
+CUDA_MEMORY_SHARE = 0.5  # ... and on CUDA: this share of the device's free memory
+# A chunk's working set per pair, in bytes, for sizing chunks (chunk_size): float32
+# vectors of width dim alive at once (pooled video, residual, radius, their products),
+# and per eps element (trial x coordinate) Philox's int64 words and temporaries (about
+# six 8-byte words per 4-element block at once) plus the sampled texts and their cosines.
+PAIR_VECTORS = 16
+EPS_BYTES = 48
 
 
 @dataclass
@@ -72,8 +86,9 @@ class EvalConfig:
     seed: int = 0
     protocol: str = "leak-free"  # leak-free | reference (audit of the official evaluator)
     noise: str = "fresh"  # fresh: eps per (t, v, m), as in the paper; shared: eps per (t, m)
-    path: str = "fast"  # fast | naive (the reference implementation)
-    chunk_pairs: int = 16384  # text-video pairs held at once: bounds memory
+    path: str = "fast"  # fast (numba kernel on CPU, torch elsewhere) | torch | naive (the reference)
+    memory_gb: float | None = None  # a chunk's working memory; None: CPU_MEMORY_GB, or a share of free CUDA memory
+    chunk_pairs: int | None = None  # at most this many pairs at once (checks); None: as many as memory_gb holds
     device: str = "auto"  # auto | cpu | cuda[:N]
     progress: bool = True
 
@@ -83,6 +98,10 @@ class EvalConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.trials < 0:
             raise ValueError("trials must be >= 0")
+        if self.memory_gb is not None and self.memory_gb <= 0:
+            raise ValueError("memory_gb must be > 0")
+        if self.chunk_pairs is not None and self.chunk_pairs < 1:
+            raise ValueError("chunk_pairs must be >= 1")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -90,14 +109,14 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class FoldedXPool:
-    """X-Pool on a fixed gallery, folded for the CPU kernel.
+    """X-Pool on a fixed gallery, folded for the fused scorers (numba kernel, torch).
 
     out_proj, the LayerNorm affine and the residual linear commute with the attention-
     weighted sum over frames, so they are applied once per frame
     (:func:`tmass.train.folded.fold_frames`, the same folding training uses); per pair
     only the attention logits (one GEMM per chunk, here) and two weighted sums over
-    frames remain (in :func:`tmass.evaluate.sampling.pool_and_score`). The tests hold
-    the result equal to ``XPoolFusion.forward``."""
+    frames remain (:func:`tmass.evaluate.sampling.pool_and_score` on CPU, :meth:`pool`
+    anywhere). The tests hold the result equal to ``XPoolFusion.forward``."""
 
     def __init__(self, fusion: XPoolFusion, frames: torch.Tensor):
         """frames ``[n_video, n_frames, dim]``."""
@@ -108,7 +127,7 @@ class FoldedXPool:
         # strided GEMM per head, with no copy of the keys
         normed = fusion.norm_in(frames)
         self.keys = fusion.k_proj(normed).view(n_video, n_frames, heads, head_dim).permute(2, 0, 1, 3).contiguous()
-        folded = fold_frames(fusion, frames)
+        folded = self.folded = fold_frames(fusion, frames)
         self.u, self.z = folded.u, folded.z
         self.consts = torch.stack((
             folded.bias, folded.lin_bias, folded.lin_shift,
@@ -125,8 +144,36 @@ class FoldedXPool:
         keys = self.keys[:, videos].flatten(1, 2)  # [heads, n_vc*n_frames, head_dim]
         return q @ keys.transpose(1, 2) / head_dim**0.5
 
+    def pool(self, text: torch.Tensor, videos: slice, frame_mask: torch.Tensor | None) -> torch.Tensor:
+        """p(v|t) in torch: text ``[n_text, dim]``, the gallery chunk ``videos`` and its
+        frame_mask ``[n_vc, n_frames]`` -> pooled ``[n_text, n_vc, dim]``."""
+        heads, _, n_frames, _ = self.keys.shape
+        logits = self.logits(text, videos).view(heads, len(text), -1, n_frames)  # [heads, n_text, n_vc, n_frames]
+        if frame_mask is not None:
+            logits = logits.masked_fill(~frame_mask, float("-inf"))
+        weights = logits.softmax(dim=-1).permute(1, 2, 0, 3).flatten(2)  # [n_text, n_vc, heads*n_frames]
+        return pool_folded(self.fusion, weights, self.folded[videos])
+
 
 VIDEOS_PER_CHUNK = 256  # tiles of many texts x some videos keep the logits GEMM well-shaped
+
+
+def memory_budget(config: EvalConfig, device: torch.device) -> int:
+    """Bytes a chunk may hold (``config.memory_gb``, or its default for ``device``)."""
+    if config.memory_gb is not None:
+        return int(config.memory_gb * 2**30)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * CUDA_MEMORY_SHARE)
+    return int(CPU_MEMORY_GB * 2**30)
+
+
+def chunk_size(config: EvalConfig, device: torch.device, dim: int, n_mix: int, eps_trials: int) -> int:
+    """Pairs per chunk: as many as the memory budget holds at PAIR_VECTORS vectors of
+    width dim, three attention rows of ``n_mix`` (heads x frames) and ``eps_trials``
+    materialised trials (EPS_BYTES per element) per pair, at most ``config.chunk_pairs``."""
+    per_pair = 4 * (PAIR_VECTORS * dim + 3 * n_mix) + EPS_BYTES * eps_trials * dim
+    pairs = max(1, memory_budget(config, device) // per_pair)
+    return min(pairs, config.chunk_pairs) if config.chunk_pairs else pairs
 
 
 def _chunks(n_text: int, n_video: int, chunk_pairs: int):
@@ -182,9 +229,11 @@ def score_features(
     """Scores of every query against every gallery video: ``[n_text, n_video]`` float32
     (rows in ``text_ids`` order, columns in ``video_ids`` order).
 
-    Pairs are scored a chunk at a time (at most ``config.chunk_pairs``) by the head's
-    own ``score`` (the generic path), or by a fast path the head offers: on CPU, heads
-    offering ``folded-xpool`` run the fused numba kernel. ``text_to_video`` ``[n_text]``
+    Pairs are scored a chunk at a time (sized by :func:`chunk_size`) by the head's own
+    ``score`` (the generic path), or, for heads offering ``folded-xpool``, by the fused
+    numba kernel (``fast`` on CPU) or the torch scorer (``torch``, and ``fast`` on other
+    devices). Scores stay on the device until the end: one copy to the host, no
+    synchronisation per chunk. ``text_to_video`` ``[n_text]``
     is only used by the audit protocol (X-Pool family heads only), to find each video's
     own captions; there a score is NaN where the video has no caption in the query's slot
     (see the module docstring).
@@ -216,34 +265,36 @@ def score_features(
             own_pooled[v, : len(rows)] = head.pool(
                 text[rows], frames[v : v + 1], None if frame_mask is None else frame_mask[v : v + 1])[:, 0]
 
-    # The CPU fast path folds X-Pool's video side once; on CUDA the head's own forward
-    # pass is fast enough and the sampling runs with materialised eps.
-    folded = None
-    if config.path == "fast" and device.type == "cpu" and "folded-xpool" in head_spec(head.cfg.head).fast_paths:
-        folded = FoldedXPool(head.pooling, frames)
+    # The fused scorers fold X-Pool's video side once: the numba kernel (fast on CPU)
+    # or torch (torch anywhere, fast off the CPU); other heads score themselves
+    folded_path = config.path != "naive" and "folded-xpool" in head_spec(head.cfg.head).fast_paths
+    kernel = folded_path and config.path == "fast" and device.type == "cpu"
+    folded = FoldedXPool(head.pooling, frames) if folded_path else None
 
-    # S(t, v) in the fast path: unit frames once per gallery, one GEMM per chunk
+    # S(t, v) in the fused paths: unit frames once per gallery, one GEMM per chunk
     unit_frames = F.normalize(frames, dim=-1) if sampling and folded is not None else None
 
-    scores = np.empty((n_text, n_video), dtype=np.float32)
-    chunk_pairs = config.chunk_pairs
-    if sampling and folded is None:
-        chunk_pairs = max(1, chunk_pairs // config.trials)  # eps is materialised there
+    n_mix = getattr(getattr(head, "pooling", None), "num_heads", 1) * frames.shape[1]
+    eps_trials = config.trials if sampling and not kernel else 0  # eps materialised per chunk
+    chunk_pairs = chunk_size(config, device, text.shape[1], n_mix, eps_trials)
+    scores = torch.empty((n_text, n_video), device=device)
     bar = tqdm(total=n_text * n_video, unit="pair", unit_scale=True, desc=f"score ({config.path})",
                disable=not config.progress)
     for ts, vs in _chunks(n_text, n_video, chunk_pairs):
         t, f = text[ts], frames[vs]
         m = frame_mask[vs] if frame_mask is not None else None
         own = own_pooled[vs] if own_pooled is not None else None  # [n_vc, n_slot, dim]
+        if own is not None and not kernel:  # audit: each text's slot, [n_tc, n_vc, dim]
+            own = own[:, torch.from_numpy(slots[ts]).to(device)].transpose(0, 1)
         eps = None  # [n_tc, n_vc, trials, noise.dim], keyed by the pairs' ids
-        if sampling and folded is None:
+        if sampling and not kernel:
             eps = keyed_noise(text_keys[ts], video_keys[vs], config.seed, config.trials, noise.dim,
                               noise.prior, noise.std, device, noise=config.noise)
-        if folded is not None:
-            radius = None  # exp(R): [n_tc, n_vc, dim or 1]
-            if sampling:
-                sims = (F.normalize(t, dim=-1) @ unit_frames[vs].flatten(0, 1).T).view(len(t), len(f), -1)
-                radius = head.radius(sims if m is None else sims * m).exp_()  # = frame_similarity(t, f, m)
+        radius = None  # exp(R): [n_tc, n_vc, dim or 1]
+        if sampling and folded is not None:
+            sims = (F.normalize(t, dim=-1) @ unit_frames[vs].flatten(0, 1).T).view(len(t), len(f), -1)
+            radius = head.radius(sims if m is None else sims * m).exp_()  # = frame_similarity(t, f, m)
+        if kernel:
             inputs = KernelInputs(
                 text=t.numpy(), logits=folded.logits(t, vs).numpy(),
                 frame_mask=(m if m is not None else torch.ones(f.shape[:2], dtype=torch.bool)).numpy(),
@@ -256,18 +307,20 @@ def score_features(
             )
             chunk = torch.from_numpy(pool_and_score(inputs, prior=noise.prior if sampling else "uniform",
                                                     noise=config.noise))
-        elif own is not None:  # audit: scored against the video pooled on its own caption
-            own = own[:, torch.from_numpy(slots[ts]).to(device)].transpose(0, 1)  # [n_tc, n_vc, dim]
+        elif folded is not None or own is not None:
+            pooled = folded.pool(t, vs, m) if folded is not None else head.pool(t, f, m)  # [n_tc, n_vc, dim]
             if not sampling:
-                chunk = _cos(t[:, None, :], own)
+                chunk = _cos(t[:, None, :], pooled if own is None else own)
             else:
-                radius = head.radius(frame_similarity(t, f, m)).exp()
-                chunk = sample_scores(t, radius, head.pool(t, f, m), eps, own)
+                if radius is None:
+                    radius = head.radius(frame_similarity(t, f, m)).exp()
+                chunk = sample_scores(t, radius, pooled, eps, own)
         else:  # the generic path: the head's own scoring of this chunk of pairs
             chunk = head.score(text_features[ts], video_features[vs], eps)
-        scores[ts, vs] = chunk.float().cpu().numpy()
+        scores[ts, vs] = chunk
         bar.update((ts.stop - ts.start) * (vs.stop - vs.start))
     bar.close()
+    scores = scores.cpu().numpy()
     if own_pooled is not None:
         scores[(own_index[:, slots] < 0).T] = np.nan  # v has no caption in t's slot
     return scores

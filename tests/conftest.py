@@ -13,6 +13,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing may rea
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (e.g. a device parametrisation) run where a GPU is visible;
+    elsewhere they are skipped, and ``-ra`` prints why in the summary."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="cuda: no CUDA GPU visible (run on a GPU machine: pytest -m cuda)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)])
+def device(request) -> str:
+    """A test taking ``device`` runs on the CPU everywhere and on CUDA where there is one."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_features(tmp_path_factory) -> Path:
     """A simulated `tiny` features directory (train/ and test/), written once per session.

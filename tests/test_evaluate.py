@@ -126,14 +126,57 @@ def test_shared_noise_is_a_named_mode_that_repeats_across_videos():
 
 @pytest.mark.parametrize("kw", HEADS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
 @pytest.mark.parametrize("protocol", ["leak-free", "reference"])
-def test_fast_path_equals_naive_reference(kw, protocol):
+def test_fast_and_torch_paths_equal_naive_reference(kw, protocol, device):
+    """The numba kernel (CPU) and the torch scorer (on ``device``, chunks sized from a
+    tiny memory budget: about a dozen pairs each) give the naive reference's scores."""
     head = _perturbed_head(**kw)
     data = _data(13, 11)
     for trials in (0, 5):
         for noise in ("fresh", "shared"):
-            naive = _scores(head, data, path="naive", trials=trials, protocol=protocol, noise=noise)
-            fast = _scores(head, data, path="fast", trials=trials, protocol=protocol, noise=noise, chunk_pairs=7)
+            settings = dict(trials=trials, protocol=protocol, noise=noise)
+            naive = _scores(head, data, path="naive", device="cpu", **settings)
+            fast = _scores(head, data, path="fast", device="cpu", chunk_pairs=7, **settings)
             np.testing.assert_allclose(fast, naive, atol=2e-6, rtol=0)
+            fused = _scores(head, data, path="torch", device=device, memory_gb=1e-4, **settings)
+            np.testing.assert_allclose(fused, fast, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(fused, naive, atol=1e-5, rtol=0)
+
+
+def test_torch_chunks_are_sized_from_the_memory_budget():
+    """Chunks hold as many pairs as memory_gb allows (eps included), capped by chunk_pairs;
+    the chunking never changes a score."""
+    from tmass.evaluate.scores import EPS_BYTES, chunk_size
+
+    cpu = torch.device("cpu")
+    one_gb = EvalConfig(memory_gb=1.0)
+    per_pair = chunk_size(one_gb, cpu, 512, 12, 0)
+    with_eps = chunk_size(one_gb, cpu, 512, 12, 20)
+    assert with_eps < per_pair / 10 and with_eps * EPS_BYTES * 20 * 512 <= 2**30
+    assert chunk_size(EvalConfig(memory_gb=2.0), cpu, 512, 12, 20) in (2 * with_eps, 2 * with_eps + 1)
+    assert chunk_size(EvalConfig(memory_gb=1.0, chunk_pairs=100), cpu, 512, 12, 20) == 100
+    head = _perturbed_head(head="tmass")
+    data = _data(23, 17)
+    whole = _scores(head, data, path="torch", trials=5, memory_gb=1.0)
+    for budget in (1e-6, 3e-5, 1e-4):  # 1 pair, a few pairs, about a dozen pairs per chunk
+        np.testing.assert_allclose(_scores(head, data, path="torch", trials=5, memory_gb=budget), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.cuda
+def test_torch_scorer_stays_within_its_memory_budget_on_cuda():
+    """Peak CUDA memory while scoring MSR-VTT-sized T-MASS pairs (M = 20) stays within the
+    budget plus the fixed inputs and outputs, and the scores equal the CPU kernel's."""
+    head = _perturbed_head(head="tmass", dim=512, frames=12)
+    data = _data(200, 300, dim=512, frames=12)
+    cpu = _scores(head, data, path="fast", device="cpu", trials=20)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    budget = 0.25
+    got = _scores(head, data, path="torch", device="cuda", trials=20, memory_gb=budget)
+    # text, frames with their unit, folded (u, z) and key copies, scores, the head's weights
+    fixed = 4 * (200 * 512 + 300 * 12 * 512 * 6 + 200 * 300 + sum(p.numel() for p in head.parameters()))
+    assert torch.cuda.max_memory_allocated() - base <= budget * 2**30 + fixed
+    np.testing.assert_allclose(got, cpu, atol=1e-5, rtol=0)
 
 
 def test_naive_path_is_the_head_itself():

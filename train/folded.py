@@ -27,6 +27,7 @@ at a third of the cost of torch's per-element Bernoulli on a CPU.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,10 @@ class FoldedFrames:
     bias: torch.Tensor
     lin_bias: torch.Tensor
     lin_shift: torch.Tensor
+
+    def __getitem__(self, videos: slice) -> "FoldedFrames":
+        """The folded frames of the videos ``videos`` (a gallery chunk)."""
+        return dataclasses.replace(self, u=self.u[videos], z=self.z[videos])
 
 
 def fold_frames(fusion: XPoolFusion, frames: torch.Tensor) -> FoldedFrames:
@@ -69,7 +74,14 @@ def folded_xpool(fusion: XPoolFusion, text: torch.Tensor, frames: torch.Tensor,
     text ``[n_text, dim]``, frames ``[n_video, n_frames, dim]``, frame_mask
     ``[n_video, n_frames]`` -> pooled ``[n_text, n_video, dim]``."""
     weights = fusion.attention_weights(text, frames, frame_mask).flatten(2)  # [n_text, n_video, heads*n_frames]
-    folded = fold_frames(fusion, frames)
+    return pool_folded(fusion, weights, fold_frames(fusion, frames))
+
+
+def pool_folded(fusion: XPoolFusion, weights: torch.Tensor, folded: FoldedFrames) -> torch.Tensor:
+    """The per-pair half of the folding: attention weights ``[n_text, n_video,
+    heads*n_frames]`` (head-major, as ``attention_weights(...).flatten(2)``) and the
+    folded frames of those n_video videos -> pooled ``[n_text, n_video, dim]``. Training
+    and the evaluator's torch scorer (:mod:`tmass.evaluate.scores`) both pool here."""
     centred = torch.einsum("tvk,vkd->tvd", weights, folded.u) + folded.bias  # [n_text, n_video, dim]
     inv_std = (centred.pow(2).mean(dim=-1, keepdim=True) + fusion.norm_attn.eps).rsqrt()
     pooled = centred * inv_std * fusion.norm_attn.weight + fusion.norm_attn.bias
