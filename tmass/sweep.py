@@ -13,6 +13,9 @@ a sweep can be interrupted and restarted, and sweeps can be added one at a time.
     frames    Fig. 7    4, 8, 12 frames (cached frames uniformly subsampled)
     heads     every registered head (tmass.train.registry), built-in or plugin, with
               its default loss terms: the heads compared on equal terms
+    losses    every registered loss (tmass.train.losses) x meanP, X-Pool, T-MASS, each
+              head with its paper loss terms (T-MASS: the loss on t_s and the support
+              text); the default loss shares its runs with the heads sweep
 
 Every number is from the leak-free evaluator on the features' test split, with
 checkpoints selected on a validation hold-out of the train split. ``with_reference``
@@ -107,7 +110,8 @@ SWEEPS = {
 }
 # the configurations the paper's tables train, so that the heads sweep shares their runs
 PAPER_VARIANTS = {"xpool": XPOOL, "tmass": FINAL}
-SWEEP_NAMES = (*SWEEPS, "heads")
+LOSS_HEADS = ("meanp", "xpool", "tmass")  # the paper's heads, for the losses sweep
+SWEEP_NAMES = (*SWEEPS, "heads", "losses")
 
 
 def heads_sweep() -> Sweep:
@@ -122,8 +126,23 @@ def heads_sweep() -> Sweep:
     return Sweep("heads", "Every registered head, default loss terms", tuple(variants))
 
 
+def losses_sweep() -> Sweep:
+    """Every registered loss with each of :data:`LOSS_HEADS`, named "head / loss"."""
+    from tmass.train.losses import DEFAULT_LOSS, loss_names
+    from tmass.train.registry import head_spec
+
+    variants = []
+    for loss in loss_names():
+        for name in LOSS_HEADS:
+            spec = head_spec(name)
+            setting = PAPER_VARIANTS.get(name, {"head": {"head": name}, "train": {"loss_terms": spec.loss_terms}})
+            train = setting["train"] if loss == DEFAULT_LOSS else {**setting["train"], "loss": loss}
+            variants.append(Variant(f"{spec.display} / {loss}", head=setting["head"], train=train))
+    return Sweep("losses", "Every registered loss with meanP, X-Pool and T-MASS", tuple(variants))
+
+
 def sweep_named(name: str) -> Sweep:
-    return heads_sweep() if name == "heads" else SWEEPS[name]
+    return {"heads": heads_sweep, "losses": losses_sweep}.get(name, lambda: SWEEPS[name])()
 
 
 @dataclass
@@ -323,12 +342,13 @@ def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig) -
               help="Sweep directory: runs/, tables (.md, .csv) and plots (.png) per sweep.")
 @click.option("--sweeps", default="radius,trials", show_default=True,
               help="Comma list from radius (Table 5), loss (Table 6), trials (Table 4), support (Fig. 6), frames (Fig. 7), "
-                   f"heads (every registered head: {', '.join(head_names())}).")
+                   f"heads (every registered head: {', '.join(head_names())}), "
+                   "losses (every registered loss x meanP, X-Pool, T-MASS).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma list of seeds; tables show mean ± std.")
-@click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--lr", type=float, default=1e-5, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--jobs", type=int, default=1, show_default=True, help="Training runs in parallel (processes).")
+@click.option("--epochs", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Training runs in parallel (processes).")
 @click.option("--with-reference", is_flag=True, help="Add the audit protocol's R@1 column (labelled; it leaks).")
 @click.option("--device", default="auto", show_default=True)
 def ablate(features, out, sweeps, seeds, epochs, lr, batch_size, jobs, with_reference, device):
@@ -339,7 +359,13 @@ def ablate(features, out, sweeps, seeds, epochs, lr, batch_size, jobs, with_refe
     unknown = [n for n in names if n not in SWEEP_NAMES]
     if unknown:
         raise click.BadParameter(f"unknown sweeps {unknown}; choose from {', '.join(SWEEP_NAMES)}", param_hint="--sweeps")
-    cfg = SweepConfig(seeds=tuple(int(s) for s in seeds.split(",")), epochs=epochs, lr=lr, batch_size=batch_size,
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r} is not a comma list of integers, e.g. 0,1,2", param_hint="--seeds") from None
+    if not seed_list:
+        raise click.BadParameter("give at least one seed, e.g. 0,1,2", param_hint="--seeds")
+    cfg = SweepConfig(seeds=seed_list, epochs=epochs, lr=lr, batch_size=batch_size,
                       jobs=jobs, with_reference=with_reference, device=device)
     try:
         results = run_sweeps(names, features, out, cfg)

@@ -4,13 +4,15 @@ binary labels, ``kendall`` adds the continuous pseudo labels to it.
 **triplet-sn**, triplet loss with soft negative mining. Instead of the hardest negative
 alone, every negative n of an anchor counts, weighted by its softmax share of hardness::
 
-    w_n   = softmax_n(s_n / mining_temperature)      (no gradient: a mining step)
+    w_n   = softmax_n(s_n / mining_temperature)
     L_i   = sum_n w_n [margin + s_n - s_p]_+
 
 per text against the videos and per video against the texts, ``total = mean t2v + mean
 v2t`` (as ``triplet-hn``). ``mining_temperature -> 0`` is Triplet-HN, a large one the
-triplet loss averaged over negatives. Other captions of the same video are never
-negatives.
+triplet loss averaged over negatives. The weights keep their gradient: the loss is one
+smooth function of the similarities (a soft maximum of the hinges), where detached
+weights would make it a different function at every step. Other captions of the same
+video are never negatives.
 
 **kendall**: Triplet-SN plus ``kendall_weight`` times a Kendall ranking loss between the
 predicted similarities and the continuous pseudo labels r (:mod:`.relevance`). For a
@@ -50,7 +52,7 @@ def soft_negative_triplet(cos: torch.Tensor, positives: torch.Tensor, margin: fl
 
     def direction(sims: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:  # [anchor, candidate]
         hinge = (margin + sims - positive[:, None]).clamp_min(0)
-        weights = torch.softmax(sims.detach().masked_fill(positives, float("-inf")) / temperature, dim=1)
+        weights = torch.softmax(sims.masked_fill(positives, float("-inf")) / temperature, dim=1)
         return (weights.nan_to_num(0.0) * hinge).sum(dim=1)  # an anchor without negatives: NaN weights -> 0
 
     return direction(cos, positives).mean(), direction(cos.T, positives.T).mean()
