@@ -92,6 +92,8 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
         if isinstance(handler, _TqdmHandler):
             handler.setLevel(logging.DEBUG if verbose else logging.INFO)
 
+    if workers and scheduler:
+        raise click.UsageError("--workers starts a local cluster and --scheduler joins a running one; give one of them")
     if pretrained == AUTO and dataset != "demo":
         raise click.UsageError("--pretrained auto is for the demo only: real datasets need an explicit choice of weights")
     data_root = data_root or Path("data") / dataset
@@ -101,11 +103,13 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
                            text_tokens=text_tokens, patch_grid=patch_grid)
     distributed = bool(workers or scheduler)
     try:
-        names = DATASET_SPLITS[dataset] if split == "all" else [split]
-        splits = [load_split(dataset, data_root, s, caption_field) for s in names]
-        # the driver's copy only supplies metadata when dask workers do the encoding
+        # the encoder first: weights that cannot load are said before the demo is rendered
+        # or a dataset is indexed. The driver's copy only supplies metadata when dask
+        # workers do the encoding.
         encoder = get_encoder(model, pretrained, "cpu" if distributed else device, seed)
         encoder.token_support(text_tokens, patch_grid)
+        names = DATASET_SPLITS[dataset] if split == "all" else [split]
+        splits = [load_split(dataset, data_root, s, caption_field) for s in names]
         if not overwrite:
             check_out(splits, config, out, encoder)
     except (LayoutError, EncoderError, ValueError, SplitDirError) as exc:

@@ -184,6 +184,8 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EncoderError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
     return device
 
 

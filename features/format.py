@@ -121,6 +121,11 @@ class FeatureFormatError(Exception):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
 
+    def summary(self) -> str:
+        """One line for a command's error: the first fault, and how to see the others."""
+        more = len(self.problems) - 1
+        return self.problems[0] + (f" (and {more} more: tmass features check lists them all)" if more else "")
+
 
 @dataclass(frozen=True)
 class FeatureMeta:
@@ -903,6 +908,61 @@ def check_split(split_dir: Path) -> list[str]:
     except FeatureFormatError as exc:  # the manifest itself is unusable
         return exc.problems
     return split.problems + split.check_values()
+
+
+def locate_split(path: Path, split: str) -> Path:
+    """The split directory a user means by ``path``: ``path`` itself when it is one,
+    else ``path/split``. Otherwise FeatureFormatError with one line saying what ``path``
+    is and, where one is near, which directory was probably meant."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / split / MANIFEST).is_file():
+        return path / split
+    raise FeatureFormatError([f"{path}: {_what_is(path)}, and holds no '{split}/' split{_did_you_mean(path, (split,))}"])
+
+
+def locate_features(path: Path, splits: Sequence[str]) -> Path:
+    """The features directory (holding each of ``splits``) a user means by ``path``;
+    FeatureFormatError with one line and a suggestion otherwise (a split directory given
+    for its parent, a directory one level above the features)."""
+    path = Path(path)
+    if all((path / s / MANIFEST).is_file() for s in splits):
+        return path
+    missing = ", ".join(f"{s}/" for s in splits if not (path / s / MANIFEST).is_file())
+    raise FeatureFormatError([f"{path}: {_what_is(path)}, and holds no {missing} split{_did_you_mean(path, splits)}"])
+
+
+def _what_is(path: Path) -> str:
+    if not path.exists():
+        return "no such directory"
+    if not path.is_dir():
+        return "a file, not a features directory"
+    if (path / MANIFEST).is_file():
+        return "a split directory"
+    if (path / "run.json").is_file() or (path / "config.json").is_file():
+        return "a run directory, not features"
+    return "not a features directory"
+
+
+def _did_you_mean(path: Path, splits: Sequence[str]) -> str:
+    """``"; did you mean X?"`` for the nearest directories holding ``splits``: the parent
+    (a split directory given for its features directory), or one or two levels below
+    ``path`` (a features root given for ``<root>/<dataset>/<model>``); no deeper, so a
+    mistaken ``--features ~`` does not walk the whole disk."""
+    holds = lambda d: all((d / s / MANIFEST).is_file() for s in splits)  # noqa: E731
+    if path.exists() and holds(path.parent) and path.parent != path:
+        return f"; did you mean {path.parent}?"
+    found = []
+    if path.is_dir():
+        for pattern in (f"*/*/{MANIFEST}", f"*/*/*/{MANIFEST}"):
+            for manifest in sorted(path.glob(pattern)):
+                candidate = manifest.parent.parent
+                if holds(candidate) and candidate not in found:
+                    found.append(candidate)
+    if not found:
+        return " (tmass features info DIR shows what a directory holds)"
+    return f"; did you mean {' or '.join(map(str, found[:3]))}?"
 
 
 def find_splits(directory: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from tmass.cli import main
 from tmass.evaluate.scores import EvalConfig
 from tmass.train import losses as registry
-from tmass.train.config import cli_fields, field_choices, field_default, setting
+from tmass.train.config import cli_fields, field_bounds, field_choices, field_default, option_type, setting
 from tmass.train.heads.xpool import RADII, HeadConfig
 from tmass.train.losses import Loss, loss_class, loss_names
 from tmass.train.trainer import TrainConfig
@@ -75,6 +75,11 @@ def test_eval_and_ablate_options_agree_with_the_configs():
             assert param.default == field_default(fields[name]), (command.name, name)
             if isinstance(param.type, click.Choice):
                 assert tuple(param.type.choices) == tuple(field_choices(fields[name]) or param.type.choices)
+            if field_bounds(fields[name]):  # the same range, so a bad value is refused by the option
+                given, derived = param.type, option_type(config, name)
+                assert type(given) is type(derived), (command.name, name)
+                assert [getattr(given, a) for a in ("min", "max", "min_open", "max_open")] == \
+                       [getattr(derived, a) for a in ("min", "max", "min_open", "max_open")], (command.name, name)
     assert {"trials", "seed", "protocol", "noise", "path", "chunk_pairs", "device"} <= shared["eval"]
     assert {"epochs", "lr", "batch_size", "device"} <= shared["ablate"]
 
@@ -138,7 +143,7 @@ def test_a_config_file_then_options_then_an_exact_rerun_from_config_json(tiny_fe
 @pytest.mark.parametrize("body, message", [
     ("[train]\nlrr = 1e-3\n", "run.toml: train: unknown setting 'lrr'"),
     ("[train]\nepochs = 'two'\n", "run.toml: train.epochs: expected int, got 'two'"),
-    ("[train]\nbatch_size = 1\n", "run.toml: train: batch_size must be >= 2"),
+    ("[train]\nbatch_size = 1\n", "run.toml: train.batch_size: 1 is not in [2, inf)"),
     ("[head]\nradius = 'cubic'\n", "run.toml: head.radius: 'cubic' is not one of sim, scalar, linear"),
     ("[head]\nhead = 'xpoll'\n", "run.toml: head.head: unknown head 'xpoll'"),
     ("[trian]\nlr = 1e-3\n", "run.toml: unknown key 'trian'"),

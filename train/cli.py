@@ -69,7 +69,8 @@ def train(ctx, features, out, config_file, resume, stop_after, progress, **optio
     Every setting has one default, in its config dataclass; a config file (--config)
     replaces the defaults it names, and options given on the command line replace both.
     Head and loss settings apply to the heads and losses named in brackets."""
-    from tmass.train.trainer import train as run_training
+    from tmass.features.format import FeatureFormatError
+    from tmass.train.trainer import resolve_device, train as run_training
 
     given = given_options(ctx, options)
     if resume:
@@ -82,10 +83,13 @@ def train(ctx, features, out, config_file, resume, stop_after, progress, **optio
         raise click.UsageError("--features is required (unless --config names them, or --resume)")
     try:
         features, cfg, head_cfg = _configs(features, config_file, given, resume)
+        resolve_device(cfg.device)  # a GPU that is not there: said before any work
         metrics = run_training(features, out, cfg, head_cfg, resume=resume, stop_after=stop_after, progress=progress,
                                evaluate=ctx.meta.get(EVALUATOR_KEY))
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except FeatureFormatError as exc:  # the test split, read after the train split
+        raise click.ClickException(exc.summary()) from exc
     if "test" in metrics:
         t2v, v2t = metrics["test"]["t2v"], metrics["test"]["v2t"]
         click.echo(f"test t2v R@1 {t2v['R1']:.1f} R@5 {t2v['R5']:.1f} R@10 {t2v['R10']:.1f} MdR {t2v['MdR']:g} MnR {t2v['MnR']:.1f}"
@@ -99,6 +103,7 @@ def _configs(features: Path | None, config_file: Path | None, given: dict, resum
     ``resume`` the file is the run's config.json and a given option must agree with it
     (``--device`` excepted: a run may move between machines). ValueError names the file
     and key, or the option, that is wrong."""
+    from tmass.features.format import FeatureFormatError, locate_features, open_split
     from tmass.train.config import build_config, check_value, option_name, read_config_file
     from tmass.train.losses import parse_loss_terms
     from tmass.train.trainer import TrainConfig
@@ -112,6 +117,11 @@ def _configs(features: Path | None, config_file: Path | None, given: dict, resum
         features = (config_file.parent / sections["features"]).resolve()  # relative to the file
         if not features.is_dir():
             raise ValueError(f"{config_file}: features {sections['features']!r}: no such directory")
+    try:
+        features = locate_features(features, ("train",))
+        meta = open_split(features / "train", verify_checksums=False).meta
+    except FeatureFormatError as exc:
+        raise click.BadParameter(exc.summary(), param_hint="--features") from None
     source = f"{config_file}: " if config_file else ""
     head = given.get("head") or sections["head"].get("head") or DEFAULT_HEAD
     head_configs = _head_configs()
@@ -155,7 +165,10 @@ def _configs(features: Path | None, config_file: Path | None, given: dict, resum
     train_cfg = build_config(TrainConfig, values["train"], "train")
     loss_cfg = _build_loss(train_cfg.loss, values["loss"], "loss")
     train_cfg = dataclasses.replace(train_cfg, loss_options=dataclasses.asdict(loss_cfg))
-    return features, train_cfg, build_config(head_configs[head], {**values["head"], "head": head}, "head")
+    # the head's width and frame count are the features', so that a setting which must fit
+    # them (--num-heads dividing the width) is checked against these features, not defaults
+    fitted = {"head": head, "embed_dim": meta.embed_dim, "num_frames": meta.num_frames}
+    return features, train_cfg, build_config(head_configs[head], {**values["head"], **fitted}, "head")
 
 
 def _build_loss(name: str, values: dict, where: str):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -38,12 +39,56 @@ except ModuleNotFoundError:  # Python 3.10
 FILE_SECTIONS = ("train", "head")  # besides the top-level "features"
 
 
-def setting(default, help: str, choices=None, cli: bool = True):
+def setting(default, help: str, choices=None, cli: bool = True, bounds: str | None = None):
     """A config field: ``default``, one-sentence-or-so ``help``, ``choices`` (a tuple, or a
-    function returning one, for registries), and ``cli=False`` for fields set by the
-    program rather than the user (a head's width comes from the features)."""
+    function returning one, for registries), ``bounds`` for a number (an interval such as
+    ``"[0, inf)"`` or ``"(0, 1)"``: the option rejects what falls outside, naming itself,
+    before any work starts), and ``cli=False`` for fields set by the program rather than
+    the user (a head's width comes from the features)."""
+    if bounds is not None:
+        Bounds.parse(bounds)  # a malformed interval fails at import, not at a user's first run
     kwargs = {"default_factory": lambda: dict(default)} if isinstance(default, dict) else {"default": default}
-    return dataclasses.field(metadata={"help": help, "choices": choices, "cli": cli}, **kwargs)
+    return dataclasses.field(metadata={"help": help, "choices": choices, "cli": cli, "bounds": bounds}, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """A numeric interval, written as in mathematics: ``[0, inf)``, ``(0, 1]``."""
+
+    low: float | None
+    high: float | None
+    low_open: bool
+    high_open: bool
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> Bounds:
+        match = re.fullmatch(r"\s*([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])\s*", text)
+        if not match:
+            raise ValueError(f"bounds {text!r}: write an interval such as '[0, inf)'")
+        left, low, high, right = match.groups()
+        low, high = None if low == "-inf" else float(low), None if high == "inf" else float(high)
+        return cls(low, high, left == "(" and low is not None, right == ")" and high is not None, text)
+
+    def contains(self, value: float | None) -> bool:
+        """``value`` lies within (None, an unset optional number, always does)."""
+        if value is None:
+            return True
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def click_type(self, kind: type) -> click.ParamType:
+        """click.IntRange or click.FloatRange: click names the option and the range."""
+        if kind is int:
+            return click.IntRange(None if self.low is None else int(self.low), None if self.high is None else int(self.high),
+                                  min_open=self.low_open, max_open=self.high_open)
+        return click.FloatRange(self.low, self.high, min_open=self.low_open, max_open=self.high_open)
+
+
+def field_bounds(f: dataclasses.Field) -> Bounds | None:
+    text = f.metadata.get("bounds")
+    return None if text is None else Bounds.parse(text)
 
 
 def field_choices(f: dataclasses.Field) -> tuple | None:
@@ -78,19 +123,26 @@ def check_value(cls, name: str, value):
         value = float(value)
     if kind in (bool, int, float, str, tuple, dict) and type(value) is not kind:
         raise ValueError(f"expected {'a list' if kind is tuple else kind.__name__}, got {value!r}")
-    choices = field_choices({f.name: f for f in dataclasses.fields(cls)}[name])
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    choices = field_choices(f)
     for item in value if kind is tuple else (value,):
         if choices and item not in choices:
             raise ValueError(f"{item!r} is not one of {', '.join(map(str, choices))}")
+    bounds = field_bounds(f)
+    if bounds and not bounds.contains(value):
+        raise ValueError(f"{value!r} is not in {bounds.text}")
     return value
 
 
 def check_choices(config) -> None:
     """ValueError unless every field of ``config`` with fixed choices holds one of them
-    (each item, for a tuple field); a config's ``__post_init__`` calls it. Registry
-    choices (functions) are checked where the name is looked up."""
+    (each item, for a tuple field) and every field with bounds lies within them; a
+    config's ``__post_init__`` calls it. Registry choices (functions) are checked where
+    the name is looked up."""
     for f in dataclasses.fields(config):
-        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        choices, value, bounds = f.metadata.get("choices"), getattr(config, f.name), field_bounds(f)
+        if bounds and not bounds.contains(value):
+            raise ValueError(f"{f.name} must be in {bounds.text}; got {value!r}")
         if choices is None or callable(choices):
             continue
         for item in value if isinstance(value, tuple) else (value,):
@@ -173,16 +225,28 @@ def options_for(entries: dict[str, tuple[str, list[tuple[str, type]]]]) -> list[
             decls = [f"{option_name(name)}/--no-{name.replace('_', '-')}", name]
             options.append(click.Option(decls, default=default, help=help_text, show_default=show))
             continue
+        click_type = option_type(owners[0][1], field)
         if kind is tuple:
-            click_type, default = click.STRING, None if default is None else ",".join(default)
+            default = None if default is None else ",".join(default)
             help_text += " Comma list" + (f" from {', '.join(choices)}." if choices else ".")
-        elif choices:
-            click_type = click.Choice([str(c) for c in choices])
-        else:
-            click_type = {int: click.INT, float: click.FLOAT}.get(kind, click.STRING)
         options.append(click.Option([option_name(name), name], type=click_type, default=default, help=help_text,
                                     show_default=show))
     return options
+
+
+def option_type(cls, name: str) -> click.ParamType:
+    """The click type of field ``name`` of config ``cls``: its choices, its bounds as a
+    range, or its plain type (a tuple field is a comma list, a string). Commands that
+    keep their own options (``tmass ablate``) take their types from here too."""
+    f = {g.name: g for g in dataclasses.fields(cls)}[name]
+    kind, choices, bounds = field_type(cls, name), field_choices(f), field_bounds(f)
+    if kind is tuple:
+        return click.STRING
+    if choices:
+        return click.Choice([str(c) for c in choices])
+    if bounds:
+        return bounds.click_type(kind)
+    return {int: click.INT, float: click.FLOAT, bool: click.BOOL}.get(kind, click.STRING)
 
 
 def given_options(ctx: click.Context, values: dict) -> dict:

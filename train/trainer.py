@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,19 +84,19 @@ class TrainConfig:
     """How to train. Defaults are the paper's settings (ViT-B/32, all datasets but the
     learning rate of MSR-VTT, which is 3e-5 in the reference)."""
 
-    epochs: int = setting(5, help="Passes over the training pairs; 0 writes the initial model (baselines, audits).")
-    batch_size: int = setting(32, help="Caption-video pairs per optimiser step.")
-    lr: float = setting(1e-5, help="Peak learning rate (the reference uses 3e-5 on MSR-VTT).")
-    weight_decay: float = setting(0.2, help="AdamW weight decay, on every parameter but the logit scale.")
-    warmup_fraction: float = setting(0.1, help="Fraction of the steps with a linear warm-up before the cosine decay.")
-    grad_clip: float = setting(1.0, help="Max gradient norm; 0 disables clipping.")
+    epochs: int = setting(5, bounds="[0, inf)", help="Passes over the training pairs; 0 writes the initial model (baselines, audits).")
+    batch_size: int = setting(32, bounds="[2, inf)", help="Caption-video pairs per optimiser step (at least 2: a contrastive batch needs negatives).")
+    lr: float = setting(1e-5, bounds="(0, inf)", help="Peak learning rate (the reference uses 3e-5 on MSR-VTT).")
+    weight_decay: float = setting(0.2, bounds="[0, inf)", help="AdamW weight decay, on every parameter but the logit scale.")
+    warmup_fraction: float = setting(0.1, bounds="[0, 1]", help="Fraction of the steps with a linear warm-up before the cosine decay.")
+    grad_clip: float = setting(1.0, bounds="[0, inf)", help="Max gradient norm; 0 disables clipping.")
     seed: int = setting(0, help="Seeds the pair order, dropout and the stochastic text.")
     loss: str = setting(DEFAULT_LOSS, choices=loss_names, help="Loss applied to each loss term (the loss registry).")
     loss_options: dict = setting({}, cli=False, help="The loss's config fields; resolved to all of them.")
     loss_terms: tuple[str, ...] = setting(
         (), choices=LOSS_TERMS, help="Table 6's text variants the loss is applied to: ce (t), s (stochastic t_s), "
                                      "sup (support text); empty: the head's default (ce; s,sup for tmass).")
-    support_weight: float = setting(0.8, help="alpha of Eq. 9, the weight of the sup term.")
+    support_weight: float = setting(0.8, bounds="[0, inf)", help="alpha of Eq. 9, the weight of the sup term.")
     support_video: str = setting(
         "paired", choices=SUPPORT_VIDEOS, help="Video of the support text: the video pooled on its own caption, "
                                                "or (the reference) averaged over the batch's captions.")
@@ -103,27 +104,20 @@ class TrainConfig:
         "folded", choices=POOLING_PATHS,
         help="X-Pool pooling at train time: frame-wise folded (fast, the same function) or the head's module.")
     val_fraction: float = setting(
-        0.05, help="Train-split videos held out (with their captions) to select best.pt; 0: best = last.")
-    val_trials: int = setting(0, help="T-MASS sampling trials when validating (0: the deterministic t, fast).")
-    val_every: int = setting(0, help="Steps between validations; 0: at the end of each epoch.")
+        0.05, bounds="[0, 1)", help="Train-split videos held out (with their captions) to select best.pt; 0: best = last.")
+    val_trials: int = setting(0, bounds="[0, inf)", help="T-MASS sampling trials when validating (0: the deterministic t, fast).")
+    val_every: int = setting(0, bounds="[0, inf)", help="Steps between validations; 0: at the end of each epoch.")
     select_on: str = setting(
         "val", choices=("val", "test"),
         help="Select best.pt on the test split instead: optimistic, and labelled so everywhere.")
-    eval_trials: int = setting(20, help="T-MASS trials for the final test metrics (the paper's M).")
+    eval_trials: int = setting(20, bounds="[0, inf)", help="T-MASS trials for the final test metrics (the paper's M).")
     final_eval: bool = setting(True, help="Evaluate best.pt on the test split at the end.")
-    checkpoint_every: int = setting(1000, help="Steps between writes of last.pt (also at each epoch end).")
+    checkpoint_every: int = setting(1000, bounds="[1, inf)", help="Steps between writes of last.pt (also at each epoch end).")
     device: str = setting("auto", help="auto | cpu | cuda[:N]; not part of a run's identity.")
 
     def __post_init__(self):
         self.loss_terms = tuple(self.loss_terms)
         check_choices(self)
-        for name in ("epochs", "val_trials", "val_every", "eval_trials"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        if self.batch_size < 2:
-            raise ValueError("batch_size must be >= 2 (a contrastive batch needs negatives)")
-        if self.checkpoint_every < 1:
-            raise ValueError("checkpoint_every must be >= 1")
 
     @property
     def selection(self) -> str:
@@ -294,10 +288,31 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Ret
     """A trained head (eval mode) and the checkpoint's other entries, from ``best.pt`` or
     ``last.pt`` of a run. The head is rebuilt through the registry from the stored
     ``head_config`` (its ``head`` field names the registered head)."""
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    checkpoint = read_checkpoint(path, device)
     head = build_head(config_from_dict(checkpoint["head_config"])).to(device)
-    head.load_state_dict(checkpoint["state_dict"])
+    try:
+        head.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:  # shapes or names that the registered head no longer has
+        raise ValueError(f"its weights do not fit head {checkpoint['head_config'].get('head')!r}: "
+                         f"{str(exc).splitlines()[0]}") from None
     return head.eval(), checkpoint
+
+
+def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
+    """A tmass checkpoint's entries; ValueError saying in one line what the file is
+    instead (empty, truncated or corrupt, or something other than a tmass checkpoint)."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError("an empty file, not a checkpoint (was its writer killed? use the run's other .pt)")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"not a readable checkpoint (truncated or corrupt: {reason[:120]})") from None
+    missing = [key for key in ("head_config", "state_dict") if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"not a tmass checkpoint (no {' or '.join(missing)}); pass a run's best.pt or last.pt")
+    return checkpoint
 
 
 # ----------------------------------------------------------------------------- the run
@@ -311,10 +326,23 @@ Evaluator = Callable[[RetrievalHead, SplitArrays, int, int, str], dict]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when there is one, else the CPU; otherwise the named device."""
+    """``auto``: CUDA when there is one, else the CPU; otherwise the named device, which
+    must exist here (ValueError saying what is there instead, before any work)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"{name}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name}: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"{name}: tmass runs on cpu or cuda[:N]")
+    return device
 
 
 def _evaluate(evaluate: Evaluator, head: RetrievalHead, arrays: SplitArrays, trials: int, seed: int,
@@ -519,7 +547,10 @@ def _resume(out: Path, trainer: Trainer, config: dict, run: dict) -> dict:
     path = out / "last.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path}: nothing to resume from")
-    checkpoint = torch.load(path, map_location=trainer.device, weights_only=False)
+    try:
+        checkpoint = read_checkpoint(path, trainer.device)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     saved = TrainConfig.from_json(checkpoint["train_config"])
     problems = [
         f"{key}: checkpoint {saved.identity()[key]!r}, now {value!r}"

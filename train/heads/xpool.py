@@ -44,13 +44,13 @@ class HeadConfig:
     head: str = "tmass"  # meanp | xpool | tmass
     embed_dim: int = 512
     num_frames: int = 12
-    num_heads: int = setting(1, help="X-Pool attention heads.")
-    dropout: float = setting(0.3, help="Dropout on X-Pool's residual linear branch.")
+    num_heads: int = setting(1, bounds="[1, inf)", help="X-Pool attention heads.")
+    dropout: float = setting(0.3, bounds="[0, 1)", help="Dropout on X-Pool's residual linear branch.")
     radius: str = setting("linear", choices=RADII,
                           help="T-MASS radius (Table 5): R = S, R = theta*S, or R = W S + b.")
     prior: str = setting("uniform", choices=PRIORS,
                          help="Distribution of eps in t_s = t + eps * exp(R): U(0, 1) or N(0, prior_std^2).")
-    prior_std: float = setting(1.0, help="Std of the normal prior (the reference uses 3e-3 on LSMDC).")
+    prior_std: float = setting(1.0, bounds="(0, inf)", help="Std of the normal prior (the reference uses 3e-3 on LSMDC).")
     logit_scale: float = 100.0  # initial exp(logit_scale), from the features manifest
 
     def __post_init__(self):
@@ -61,7 +61,7 @@ class HeadConfig:
         if self.prior not in PRIORS:
             raise ValueError(f"unknown prior {self.prior!r}; choose uniform or normal")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(f"num_heads (--num-heads) {self.num_heads} does not divide the features' dim {self.embed_dim}")
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None, dim: int) -> torch.Tensor:
