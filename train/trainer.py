@@ -224,7 +224,10 @@ class Trainer:
             self.cfg.support_weight, self.cfg.support_video, self.noise, self.cfg.pooling_path,
         )
         self.optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        # meanP's only weight is the logit scale: a loss on cosines alone (triplet-hn and
+        # the like) reaches no weight of it, and the run keeps the untrained model
+        if losses["total"].requires_grad:
+            losses["total"].backward()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
