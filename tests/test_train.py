@@ -272,6 +272,52 @@ def test_logit_scale_learns_and_is_capped_after_every_step(tiny_features):
     assert all(s <= LOGIT_SCALE_MAX * (1 + 1e-6) for s in scales(aligned, 100.0))  # pushed up, held at the cap
 
 
+def _tmass_trainer(tiny_features, device, **cfg):
+    arrays = load_split(tiny_features / "train")
+    dev = torch.device(device)
+    config, head_cfg = resolve_configs(TrainConfig(**{**FAST, **cfg}), HeadConfig(head="tmass"), arrays)
+    return Trainer(config, head_cfg, PairData(arrays, dev), dev)
+
+
+def test_bf16_autocast_trains_with_finite_losses(tiny_features, device):
+    """--amp bf16: the forward pass runs in bfloat16 (on this device), losses stay finite
+    and the weights move; amp is part of a run's identity, compile is not."""
+    trainer = _tmass_trainer(tiny_features, device, amp="bf16")
+    before = [p.detach().clone() for p in trainer.head.parameters()]
+    records = [trainer.step(rows) for rows in itertools.islice(trainer.epoch_batches(0), 3)]
+    assert all({"total", "s", "sup", "logit_scale"} <= set(r) and all(map(math.isfinite, r.values())) for r in records)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.head.parameters()))
+    assert "amp" in trainer.cfg.identity() and "compile" not in trainer.cfg.identity()
+    with torch.autocast(trainer.device.type, dtype=torch.bfloat16):  # what the step runs under
+        assert trainer.head.pooling.q_proj(torch.ones(2, trainer.head.cfg.embed_dim, device=device)).dtype == torch.bfloat16
+
+
+def test_a_step_reads_nothing_back_but_its_record(tiny_features, device, monkeypatch):
+    """Features and the epoch's order live on the device; a step gathers its batch there
+    and reads one thing back to the host: its log record, as one tensor."""
+    trainer = _tmass_trainer(tiny_features, device)
+    batches = trainer.epoch_batches(0)
+    rows = next(batches)
+    assert rows.device == trainer.data.device == trainer.data.frames.device == torch.device(device)
+    trainer.step(rows)  # warm-up: first-call work may read back
+    # AdamW keeps its step counters on the host (torch reads them there, never the device)
+    counters = {id(state["step"]) for state in trainer.optimizer.state.values()}
+    reads = []
+
+    def spy(name, original):
+        def read(self, *args, **kwargs):
+            if id(self) not in counters:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    record = trainer.step(next(batches))
+    monkeypatch.undo()
+    assert reads == ["tolist"] and record["step"] == 2 and math.isfinite(record["total"])
+
+
 def test_epochs_zero_writes_the_initial_model(tiny_features, tmp_path):
     metrics = train(tiny_features, tmp_path / "run", TrainConfig(epochs=0, **FAST), HeadConfig(head="xpool"), progress=False)
     assert metrics["steps"] == 0

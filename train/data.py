@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,28 @@ def split_validation(arrays: SplitArrays, fraction: float) -> tuple[SplitArrays,
     return subset_videos(arrays, ~held), subset_videos(arrays, held)
 
 
+class RowIds(Sequence):
+    """The ids of ``rows`` (a tensor, possibly on a GPU), read to the host on first use:
+    a batch's caption ids cost a device synchronisation only when a loss reads them."""
+
+    def __init__(self, ids: list[str], rows: torch.Tensor):
+        self._ids, self._rows, self._resolved = ids, rows, None
+
+    def _list(self) -> list[str]:
+        if self._resolved is None:
+            self._resolved = [self._ids[r] for r in self._rows.tolist()]
+        return self._resolved
+
+    def __getitem__(self, index):
+        return self._list()[index]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
 def epoch_order(n_pairs: int, seed: int, epoch: int) -> torch.Tensor:
     """The pair order of one epoch, ``[n_pairs]`` int64: a permutation drawn from a
     generator seeded by (seed, epoch) alone, so a resumed run can rebuild any epoch's
@@ -91,7 +114,8 @@ class Batch:
 
     text_rows ``[B]`` int64: the captions' rows in the split; video_rows ``[B]`` int64:
     each caption's video row (``text_to_video[text_rows]``), repeated when captions share
-    a video; text_ids: the B caption ids; text ``[B, dim]``: CLIP text embeddings;
+    a video; text_ids: the B caption ids (:class:`RowIds` from :class:`PairData`);
+    text ``[B, dim]``: CLIP text embeddings;
     frames ``[B, n_frames, dim]`` and frame_mask ``[B, n_frames]``: column i's video.
     Token features, when the split has them (None otherwise): tokens
     ``[B, n_token, dim]`` and token_mask ``[B, n_token]`` (caption i's words), patches
@@ -99,7 +123,7 @@ class Batch:
 
     text_rows: torch.Tensor
     video_rows: torch.Tensor
-    text_ids: list[str]
+    text_ids: Sequence[str]
     text: torch.Tensor
     frames: torch.Tensor
     frame_mask: torch.Tensor
@@ -120,9 +144,10 @@ class Batch:
 
 
 class PairData:
-    """One split's pairs as tensors on ``device`` (float16, as stored). Token features,
-    when the split has them, stay the split's host arrays (they are the largest) and
-    are sliced per batch."""
+    """One split's pairs as tensors on ``device`` (float16, as stored), moved there once:
+    a batch is gathered on the device from device-side rows, with no host transfer and
+    no synchronisation. Token features, when the split has them, stay the split's host
+    arrays (they are the largest) and are sliced per batch (one transfer per step)."""
 
     def __init__(self, arrays: SplitArrays, device: torch.device | str = "cpu"):
         self.text = torch.as_tensor(arrays.text_embeddings, device=device)  # [n_text, dim]
@@ -136,8 +161,12 @@ class PairData:
     def __len__(self) -> int:
         return self.text.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.text.device
+
     def batch(self, rows: torch.Tensor) -> Batch:
-        """The pairs of caption ``rows`` ``[B]``, float32 embeddings."""
+        """The pairs of caption ``rows`` ``[B]`` (best on :attr:`device`), float32 embeddings."""
         rows = rows.to(self.text.device)
         videos = self.text_to_video[rows]
 
@@ -148,7 +177,7 @@ class PairData:
             return value.float() if value.is_floating_point() else value
 
         return Batch(
-            text_rows=rows, video_rows=videos, text_ids=[self.text_ids[r] for r in rows.tolist()],
+            text_rows=rows, video_rows=videos, text_ids=RowIds(self.text_ids, rows),
             text=self.text[rows].float(), frames=self.frames[videos].float(), frame_mask=self.frame_mask[videos],
             tokens=host(self.tokens, rows), token_mask=host(self.token_mask, rows), patches=host(self.patches, videos),
         )

@@ -46,6 +46,7 @@ from tmass.train.losses import (
 from tmass.train.registry import build_head, config_from_dict
 from tmass.train.runs import lock_run, mark_run
 
+AMP_MODES = ("off", "bf16")
 CHECKPOINT_VERSION = 1
 SELECTION_LABELS = {
     "val": "validation: {fraction:g} of the train split's videos held out",
@@ -114,6 +115,11 @@ class TrainConfig:
     final_eval: bool = setting(True, help="Evaluate best.pt on the test split at the end.")
     checkpoint_every: int = setting(1000, bounds="[1, inf)", help="Steps between writes of last.pt (also at each epoch end).")
     device: str = setting("auto", help="auto | cpu | cuda[:N]; not part of a run's identity.")
+    amp: str = setting("off", choices=AMP_MODES,
+                       help="Mixed precision of the forward pass: bf16 autocast (GPUs with bfloat16, recent CPUs) "
+                            "or off (float32).")
+    compile: bool = setting(False, help="torch.compile the loss computation (a GPU may gain after a compile of "
+                                        "about a minute; on a CPU it does not pay); not part of a run's identity.")
 
     def __post_init__(self):
         self.loss_terms = tuple(self.loss_terms)
@@ -129,8 +135,8 @@ class TrainConfig:
         return SELECTION_LABELS["val"].format(fraction=self.val_fraction)
 
     def identity(self) -> dict:
-        """The settings that determine the trained weights (``device`` excluded)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
+        """The settings that determine the trained weights (``device`` and ``compile`` excluded)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "compile")}
 
     @classmethod
     def from_json(cls, data: dict) -> TrainConfig:
@@ -206,23 +212,27 @@ class Trainer:
             raise ValueError(f"{len(data)} training pairs are fewer than one batch of {cfg.batch_size}")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.step_count = 0  # optimiser steps done
+        self.losses = torch.compile(batch_losses) if cfg.compile else batch_losses
 
     def epoch_batches(self, epoch: int, start: int = 0):
-        """Caption rows of batches ``start ..`` of epoch ``epoch``, each ``[batch_size]``."""
-        order = epoch_order(len(self.data), self.cfg.seed, epoch)
+        """Caption rows of batches ``start ..`` of epoch ``epoch``, each ``[batch_size]``, on
+        the data's device (the epoch's order is moved there once)."""
+        order = epoch_order(len(self.data), self.cfg.seed, epoch).to(self.data.device)
         size = self.cfg.batch_size
         for i in range(start, self.steps_per_epoch):
             yield order[i * size : (i + 1) * size]
 
     def step(self, rows: torch.Tensor) -> dict:
-        """One optimiser step on the pairs of caption ``rows``; returns the log record."""
+        """One optimiser step on the pairs of caption ``rows``; returns the log record.
+        Reading the record's numbers to the host is the step's one synchronisation."""
         lr = lr_at(self.step_count, self.total_steps, self.cfg.lr, self.cfg.warmup_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        losses = batch_losses(
-            self.head, self.data.batch(rows), self.loss, self.cfg.loss_terms,
-            self.cfg.support_weight, self.cfg.support_video, self.noise, self.cfg.pooling_path,
-        )
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
+            losses = self.losses(
+                self.head, self.data.batch(rows), self.loss, self.cfg.loss_terms,
+                self.cfg.support_weight, self.cfg.support_video, self.noise, self.cfg.pooling_path,
+            )
         self.optimizer.zero_grad(set_to_none=True)
         # meanP's only weight is the logit scale: a loss on cosines alone (triplet-hn and
         # the like) reaches no weight of it, and the run keeps the untrained model
@@ -234,8 +244,8 @@ class Trainer:
         self.head.cap_logit_scale_()
         self.step_count += 1
         record = {"step": self.step_count, "epoch": (self.step_count - 1) // self.steps_per_epoch, "lr": lr}
-        record.update({name: value.item() for name, value in losses.items()})
-        record["logit_scale"] = self.head.logit_scale().item()
+        values = torch.stack([*(v.detach().float() for v in losses.values()), self.head.logit_scale().detach()])
+        record.update(zip([*losses, "logit_scale"], values.tolist()))
         return record
 
     def rng_state(self) -> dict:
