@@ -1,0 +1,138 @@
+"""Token-level heads (tc-mgc, prota, visern): token features reach their scoring and
+training, a split without them is one line naming the option, and each head's
+documented behaviour (its switches, its extra loss terms, its untrained function) holds.
+(`tmass check-head` on every registered head is in test_registry.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from tmass.checkhead import random_features
+from tmass.cli import main
+from tmass.features.format import load_split
+from tmass.train.data import PairData, split_validation
+from tmass.train.heads.base import split_features
+from tmass.train.losses import batch_losses, build_loss
+from tmass.train.registry import head_spec
+
+TOKEN_HEADS = {"tc-mgc": {"head.sdr"}, "prota": {"head.acl", "head.kl"}, "visern": set()}
+
+
+@pytest.fixture(scope="module")
+def token_features(tmp_path_factory):
+    """Simulated `tiny` features with word tokens and 2 x 2 patch tokens."""
+    from tmass.features.simulate import simulate
+
+    out = tmp_path_factory.mktemp("features") / "sim-tiny-tokens"
+    simulate("tiny", out, seed=0, progress=False, text_tokens=True, patch_grid=2)
+    return out
+
+
+def _build(name, dim=32, frames=6, **fields):
+    spec = head_spec(name)
+    return spec.build(spec.make_config(embed_dim=dim, num_frames=frames, **fields))
+
+
+def test_validation_hold_out_keeps_token_features_aligned(token_features):
+    arrays = load_split(token_features / "train")
+    fit, val = split_validation(arrays, 0.25)
+    for part in (fit, val):
+        rows = [arrays.text_ids.index(t) for t in part.text_ids]
+        np.testing.assert_array_equal(part.token_embeddings, arrays.token_embeddings[rows])
+        np.testing.assert_array_equal(part.token_mask, arrays.token_mask[rows])
+        videos = [arrays.video_ids.index(v) for v in part.video_ids]
+        np.testing.assert_array_equal(part.patch_embeddings, arrays.patch_embeddings[videos])
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_HEADS))
+def test_a_token_head_trains_on_its_tokens_with_its_own_loss_terms(token_features, name):
+    arrays = load_split(token_features / "train")
+    data = PairData(arrays)
+    batch = data.batch(torch.arange(0, 40, 5))
+    assert batch.tokens.shape[:2] == batch.token_mask.shape and batch.patches.shape[:3] == (8, *arrays.frames.shape[1:2], 4)
+    torch.manual_seed(0)
+    head = _build(name, dim=arrays.meta.embed_dim, frames=arrays.frames.shape[1]).train()
+    terms = batch_losses(head, batch, build_loss("infonce"), ("ce",))
+    assert {t for t in terms if t.startswith("head.")} == TOKEN_HEADS[name]
+    assert torch.isclose(terms["total"], terms["ce"] + sum(terms[t] for t in TOKEN_HEADS[name]))
+    terms["total"].backward()
+    assert all(p.grad is not None for p in head.parameters())
+    # the batch's token features are the ones scored: the scores change when they do
+    # (weights moved off their init first: untrained, visern ignores its patches)
+    text, video = batch.features()
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+        base = head.score(text, video)
+        text.tokens, video.patches = text.tokens.flip(0), video.patches.flip(0)
+        moved = head.score(text, video)
+    assert not torch.allclose(base, moved)
+
+
+@pytest.mark.parametrize("name,option", [("tc-mgc", "--text-tokens"), ("visern", "--patch-grid G")])
+def test_features_without_tokens_are_one_line_naming_the_option(tiny_features, tmp_path, name, option):
+    need = "word tokens" if name == "tc-mgc" else "patch tokens"
+    result = CliRunner().invoke(main, ["train", "--features", str(tiny_features), "--head", name,
+                                       "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert result.exit_code == 1
+    assert f"Error: head {name} needs {need}: extract with {option}" in result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(ValueError, match=f"head {name} needs {need}: extract with"):
+        split_features(load_split(tiny_features / "test"), head_spec(name).features, name)
+
+
+def test_tc_mgc_switches():
+    spec = head_spec("tc-mgc")
+    text, _, video, _ = random_features(spec, 5, 4, 0)
+    torch.manual_seed(0)
+    plain = _build("tc-mgc", sr=False, lsa=False, sdr=False)
+    sims = plain.granularities(text, video)  # [5, 4, 3]
+    assert torch.allclose(plain.score(text, video), sims.mean(-1))  # no LSA: the mean of the granularities
+    assert plain.train_scores(text, video)[1] == {}  # no SDR: no extra term
+    # untrained ISA weighs uniformly: without SR the sentence-frame similarity is the mean over frames
+    f = F.normalize(video.frames, dim=-1)
+    x_sf = torch.einsum("td,vjd->tvj", F.normalize(text.embedding, dim=-1), f)
+    mask = video.frame_mask.float()
+    assert torch.allclose(sims[..., 1], (x_sf * mask).sum(-1) / mask.sum(-1), atol=1e-6)
+    # SR: the mean of the sr_keep largest, and k x k aggregation weights instead of n_frames x n_frames
+    sr = _build("tc-mgc", sr=True, sr_keep=2)
+    top = x_sf.masked_fill(~video.frame_mask, -2).topk(2, dim=-1).values.mean(-1)
+    assert torch.allclose(sr.granularities(text, video)[..., 1], top, atol=1e-6)
+    assert sr.isa_frames.mix.weight.shape == (2, 2) and plain.isa_frames.mix.weight.shape == (6, 6)
+    # SDR: the weighted variance of the matching pairs' granularities
+    with_sdr = _build("tc-mgc", sdr=True, sdr_weight=2.0)
+    diag = with_sdr.granularities(text[:4], video).diagonal(dim1=0, dim2=1).T
+    _, extra = with_sdr.train_scores(text[:4], video)
+    assert torch.isclose(extra["sdr"], 2.0 * diag.var(-1, unbiased=False).mean())
+
+
+def test_untrained_visern_is_meanp_and_its_reasoning_uses_the_patches():
+    spec = head_spec("visern")
+    text, _, video, _ = random_features(spec, 5, 4, 0)
+    head = _build("visern")
+    mask = video.frame_mask.float()[..., None]
+    mean = (F.normalize(video.frames, dim=-1) * mask).sum(1) / mask.sum(1)
+    expected = F.normalize(text.embedding, dim=-1) @ F.normalize(mean, dim=-1).T
+    assert torch.allclose(head.score(text, video), expected, atol=1e-6)
+    with torch.no_grad():
+        head.out.weight.normal_(0, 0.1)
+        before = head.score(text, video)
+        video.patches = video.patches.roll(1, dims=0)
+        assert not torch.allclose(before, head.score(text, video))
+
+
+def test_prota_scores_are_the_mean_path_and_training_samples():
+    spec = head_spec("prota")
+    text, _, video, _ = random_features(spec, 4, 4, 0)
+    head = _build("prota")
+    first = head.score(text, video)
+    assert torch.equal(first, head.score(text, video))  # deterministic: no noise at scoring
+    torch.manual_seed(1)
+    a = head.train_scores(text, video)[1]["acl"]
+    torch.manual_seed(2)
+    b = head.train_scores(text, video)[1]["acl"]
+    assert not torch.isclose(a, b)  # the adaptive contrastive term is on sampled tokens
