@@ -27,6 +27,17 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+def _gpu_workers(device: str) -> int:
+    """One local dask worker per visible GPU when ``device`` resolves to CUDA and there
+    are several; else 0 (this process; one GPU needs no cluster)."""
+    if device not in ("auto", "cuda"):
+        return 0
+    import torch
+
+    count = torch.cuda.device_count()
+    return count if count > 1 else 0
+
+
 @click.command()
 @click.option("--dataset", type=click.Choice(list(ADAPTERS)), default=DEFAULTS.dataset, show_default=True,
               help="Annotation format to read (see tmass.extract.datasets for each layout).")
@@ -47,9 +58,10 @@ class _TqdmHandler(logging.Handler):
               help="Videos per image-encoder batch (each contributes --num-frames images).")
 @click.option("--shard-size", type=click.IntRange(1), default=DEFAULTS.shard_size, show_default=True,
               help="Videos per partition (one shard pair each; the unit of resuming and of dask tasks).")
-@click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
-              help="Start a local dask cluster of N worker processes (0: run in this process). "
-                   "On a GPU machine give one per GPU: worker i uses GPU i mod n_gpus.")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Start a local dask cluster of N worker processes (0: run in this process); worker i uses "
+                   "GPU i mod n_gpus. [default: one per visible GPU where --device resolves to CUDA and there "
+                   "are several, else 0]")
 @click.option("--scheduler", default=None, help="Join an existing dask cluster at this address instead.")
 @click.option("--device", default=DEFAULTS.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--loader-workers", type=click.IntRange(0), default=None,
@@ -94,6 +106,8 @@ def extract(dataset, data_root, split, out, model, pretrained, num_frames, sampl
 
     if workers and scheduler:
         raise click.UsageError("--workers starts a local cluster and --scheduler joins a running one; give one of them")
+    if workers is None:
+        workers = 0 if scheduler else _gpu_workers(device)
     if pretrained == AUTO and dataset != "demo":
         raise click.UsageError("--pretrained auto is for the demo only: real datasets need an explicit choice of weights")
     data_root = data_root or Path("data") / dataset

@@ -97,13 +97,45 @@ class Encoder:
             out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return out.float().cpu().numpy()
 
+    def _tokens(self, texts: list[str]):
+        """Token ids ``[n, context_length]`` on the device (through pinned memory on CUDA)."""
+        ids = self.tokenizer(texts)
+        if self.device.startswith("cuda"):
+            ids = ids.pin_memory()
+        return ids.to(self.device, non_blocking=True)
+
+    def _encode_ids(self, ids):
+        """``model.encode_text(ids)``, over the batch's longest caption only.
+
+        open_clip runs every caption over all context positions (77 for CLIP), mostly
+        padding. The text transformer is causal: the output at EOT, which CLIP keeps
+        (argmax pooling), never sees a later position, so the positions after the
+        batch's last EOT can be dropped, with the positional embedding and the causal
+        mask cut to the same length. Models that pool otherwise or attend both ways run
+        untrimmed. The tests hold the two equal."""
+        import torch
+
+        model = self.model
+        if getattr(model, "text_pool_type", None) != "argmax" or getattr(model, "attn_mask", None) is None:
+            return model.encode_text(ids)
+        eot = ids.argmax(dim=-1)  # [n]: the EOT id is the largest
+        n = int(eot.max()) + 1 if len(ids) else 1
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(ids[:, :n]).to(cast) + model.positional_embedding[:n].to(cast)  # [n_text, n, width]
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+        x = x[torch.arange(len(x), device=x.device), eot]  # [n_text, width]
+        projection = model.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """``texts [n]`` -> ``[n, embed_dim]``; captions beyond the context length are
         truncated by the tokenizer (77 tokens for CLIP)."""
         import torch
 
         with torch.inference_mode(), self._autocast():
-            out = self.model.encode_text(self.tokenizer(texts).to(self.device))
+            out = self._encode_ids(self._tokens(texts))
         return out.float().cpu().numpy()
 
     def token_support(self, text_tokens: bool, patch_grid: int) -> None:
@@ -158,13 +190,13 @@ class Encoder:
         among ``texts``; rows past a caption's EOT are zero and masked."""
         import torch
 
-        ids = self.tokenizer(texts).to(self.device)
+        ids = self._tokens(texts)
         captured, hook = self._capture(self.model.ln_final)
         try:
             with torch.inference_mode(), self._autocast():
-                out = self.model.encode_text(ids)
+                out = self._encode_ids(ids)
                 projection = self.model.text_projection
-                tokens = captured["out"]  # [n, context_length, width]
+                tokens = captured["out"]  # [n, context_length or fewer (trimmed), width]
                 tokens = projection(tokens) if isinstance(projection, torch.nn.Linear) else tokens @ projection
         finally:
             hook.remove()

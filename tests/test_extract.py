@@ -486,6 +486,41 @@ def test_resume_verifies_the_checkpoint_and_the_model_config(tiny_model, demo_ro
     assert "model_config:" in refused.output
 
 
+def test_captions_run_over_their_longest_token_count_with_open_clips_embeddings(tiny_model):
+    """encode_texts trims a batch to its longest caption (SOT to EOT) and gives
+    open_clip's untrimmed encode_text embeddings; a caption past the context length
+    is truncated as before (no trimming, the same result)."""
+    import open_clip
+    import torch
+
+    from tmass.extract.encoder import load_encoder
+
+    encoder = load_encoder(tiny_model, "none", "cpu", seed=0)
+    model, tokenizer = encoder.model, open_clip.get_tokenizer("tiny-clip")
+    seen = []
+    hook = model.transformer.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[1]))
+    for captions in (["a dog", "a man is cooking pasta in a small kitchen", "go"], ["word " * 100, "short"]):
+        seen.clear()
+        got = encoder.encode_texts(captions)
+        longest = int(tokenizer(captions).argmax(dim=-1).max()) + 1
+        with torch.inference_mode():
+            expected = model.encode_text(tokenizer(captions)).numpy()
+        assert seen[0] == longest and (longest < 77 or len(captions[0]) > 400)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    hook.remove()
+
+
+def test_extraction_starts_one_worker_per_visible_gpu_by_default(monkeypatch):
+    import torch
+
+    from tmass.extract.cli import _gpu_workers
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [_gpu_workers(d) for d in ("auto", "cuda", "cuda:1", "cpu")] == [4, 4, 0, 0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _gpu_workers("auto") == 0  # one GPU: this process, no cluster
+
+
 def test_token_features_are_the_models_own_tokens(tiny_model, demo_root, tmp_path):
     """--text-tokens: every caption token through ln_final and the text projection, whose
     EOT row is the caption embedding; --patch-grid 2 on tiny-clip's 2x2 patches: each
@@ -572,13 +607,15 @@ def test_unreachable_hub_is_detected_in_seconds(monkeypatch):
     assert time.monotonic() - start < 5
 
 
-def test_auto_is_for_the_demo_only_and_labels_random_weights(tiny_model, demo_root, tmp_path):
+def test_auto_is_for_the_demo_only_and_falls_back_to_the_demo_encoder(tiny_model, demo_root, tmp_path):
+    from tmass.extract.demo_encoder import CHECKPOINT
+
     result = extract("--dataset", "msrvtt", "--out", tmp_path, "--pretrained", "auto", expect=2)
     assert "demo only" in result.output
     extract("--dataset", "demo", "--data-root", demo_root, "--out", tmp_path, "--model", tiny_model,
             "--pretrained", "auto", "--split", "test")
-    meta = json.loads((tmp_path / "demo" / "tiny-clip__auto" / "test" / "manifest.json").read_text())["meta"]
-    assert meta["pretrained"] == "auto" and meta["random_init"] is True and meta["extra"]["weights"] == "none"
+    meta = json.loads((tmp_path / "demo" / "tmass-demo__auto" / "test" / "manifest.json").read_text())["meta"]
+    assert meta["pretrained"] == "auto" and meta["random_init"] is False and meta["extra"]["weights"] == str(CHECKPOINT)
 
 
 def test_the_extract_command_imports_nothing_heavy_until_it_runs():
