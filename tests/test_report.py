@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -40,6 +41,26 @@ def test_trials_sweep_trains_once_and_reuses_runs(tiny_features, tmp_path):
         line = bars.lines[0]  # the data line of the errorbar (the rest are caps and bars)
         assert list(line.get_xdata()) == [r["x"] for r in rows] and list(line.get_ydata()) == [r[metric] for r in rows]
     assert "trials M" == figure.axes[0].get_xlabel() and "leak-free" in figure._suptitle.get_text()
+
+
+def test_a_sweep_trains_on_a_dask_cluster_and_resumes_there(tiny_features, tmp_path):
+    """--scheduler: the runs go to the cluster's workers, one per GPU-declaring worker at
+    a time (here every worker declares one), and a rerun reuses the finished runs."""
+    from distributed import LocalCluster
+
+    cfg = SweepConfig(seeds=(0, 1), epochs=1, lr=1e-3, device="cpu")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster:
+        cfg = dataclasses.replace(cfg, scheduler=cluster.scheduler_address)
+        rows = run_sweeps(["trials"], tiny_features, tmp_path, cfg)["trials"]
+        finished = sorted((tmp_path / "runs").glob("*/seed*/metrics.json"))
+        assert len(finished) == 2, "one model per seed, trained on the cluster"
+        stamps = [path.stat().st_mtime_ns for path in finished]
+        assert run_sweeps(["trials"], tiny_features, tmp_path, cfg)["trials"] == rows
+        assert [path.stat().st_mtime_ns for path in finished] == stamps, "finished runs are reused"
+    result = CliRunner().invoke(main, ["ablate", "--features", str(tiny_features), "--out", str(tmp_path / "x"),
+                                       "--scheduler", "tcp://127.0.0.1:1", "--jobs", "2"])
+    assert result.exit_code == 2 and "--scheduler" in result.output and "Traceback" not in result.output
 
 
 def test_shared_configurations_share_runs():

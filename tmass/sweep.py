@@ -157,6 +157,7 @@ class SweepConfig:
     jobs: int = 1  # training runs in parallel (processes); threads are split between them
     with_reference: bool = False
     device: str = "auto"
+    scheduler: str | None = None  # a dask.distributed cluster's address: train there instead (run_on_cluster)
 
 
 def subsample_frames(features: Path, out: Path, n_frames: int) -> Path:
@@ -203,6 +204,43 @@ def worker_pool(jobs: int) -> ProcessPoolExecutor:
     run directory that the restarted sweep resumes."""
     return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_die_with_parent)
+
+
+def run_on_cluster(address: str, jobs: list[tuple]) -> None:
+    """Train ``jobs`` (as :func:`_train_one` takes them) on the dask.distributed cluster at
+    ``address``, one job per worker at a time: where workers declare a ``GPU`` resource
+    (``dask worker --resources GPU=1``, one worker per GPU) only those take jobs, each
+    holding one GPU; else every worker takes one. A job uses its worker's threads. Run
+    directories must be on a file system the workers share; finished runs are skipped
+    and unfinished ones resumed there, as in a local sweep."""
+    from distributed import Client, as_completed
+    from tqdm import tqdm
+
+    try:
+        client = Client(address, timeout="20s")
+    except OSError as exc:
+        raise ValueError(f"--scheduler {address}: no dask scheduler answers there ({exc})") from None
+    with client:
+        workers = client.scheduler_info()["workers"]  # address -> info (nthreads, resources)
+        if not workers:
+            raise ValueError(f"--scheduler {address}: the cluster has no workers")
+        gpu = {w for w, info in workers.items() if info.get("resources", {}).get("GPU", 0) >= 1}
+        idle = sorted(gpu or workers)
+        resources = {"GPU": 1} if gpu else None
+        pending, running, done = list(jobs), {}, as_completed()
+        with tqdm(total=len(jobs), desc=f"training runs on {len(idle)} dask workers", unit="run") as bar:
+            while pending or running:
+                while idle and pending:
+                    worker, job = idle.pop(), pending.pop(0)
+                    job = (*job[:-1], workers[worker].get("nthreads", 1))
+                    future = client.submit(_train_one, job, workers=[worker], allow_other_workers=False,
+                                           resources=resources, pure=False)
+                    running[future] = worker
+                    done.add(future)
+                future = next(done)
+                idle.append(running.pop(future))
+                future.result()  # a failed run stops the sweep, as locally
+                bar.update()
 
 
 def _train_one(job: tuple) -> str:
@@ -273,7 +311,9 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
                 train_overrides = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": seed,
                                    "final_eval": False, "device": cfg.device, **variant.train}
                 jobs.append((str(features_for(variant)), str(target), variant.head, train_overrides, threads))
-    if cfg.jobs == 1:
+    if cfg.scheduler:
+        run_on_cluster(cfg.scheduler, jobs)
+    elif cfg.jobs == 1:
         for job in tqdm(jobs, desc="training runs", unit="run"):
             _train_one(job)
     else:
@@ -351,9 +391,17 @@ def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig) -
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Training runs in parallel (processes).")
 @click.option("--with-reference", is_flag=True, help="Add the audit protocol's R@1 column (labelled; it leaks).")
 @click.option("--device", default="auto", show_default=True)
-def ablate(features, out, sweeps, seeds, epochs, lr, batch_size, jobs, with_reference, device):
+@click.option("--scheduler", default=None,
+              help="Train on the dask.distributed cluster at this address (e.g. tcp://host:8786), one run per worker "
+                   "at a time, or per GPU where workers declare --resources GPU=1; --out must be on a file system the "
+                   "workers share. Instead of --jobs.")
+@click.pass_context
+def ablate(ctx, features, out, sweeps, seeds, epochs, lr, batch_size, jobs, with_reference, device, scheduler):
     """Run the paper's ablations as sweeps on cached features; finished runs are reused."""
     from tmass.features.format import FeatureFormatError
+
+    if scheduler and ctx.get_parameter_source("jobs") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--scheduler runs one job per dask worker and --jobs sets local processes; give one of them")
 
     names = [s.strip() for s in sweeps.split(",") if s.strip()]
     unknown = [n for n in names if n not in SWEEP_NAMES]
@@ -366,7 +414,7 @@ def ablate(features, out, sweeps, seeds, epochs, lr, batch_size, jobs, with_refe
     if not seed_list:
         raise click.BadParameter("give at least one seed, e.g. 0,1,2", param_hint="--seeds")
     cfg = SweepConfig(seeds=seed_list, epochs=epochs, lr=lr, batch_size=batch_size,
-                      jobs=jobs, with_reference=with_reference, device=device)
+                      jobs=jobs, with_reference=with_reference, device=device, scheduler=scheduler)
     try:
         results = run_sweeps(names, features, out, cfg)
     except (ValueError, FeatureFormatError) as exc:
