@@ -26,6 +26,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -356,6 +357,21 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"{name}: tmass runs on cpu or cuda[:N]")
     return device
+
+
+def device_name(device: torch.device | str) -> str:
+    """The device in words, for benchmark figures: ``cuda:0 (NVIDIA H200)`` or
+    ``cpu (<CPU model>, N torch threads)``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:  # not Linux
+        pass
+    return f"cpu ({model}, {torch.get_num_threads()} torch threads)"
 
 
 def _evaluate(evaluate: Evaluator, head: RetrievalHead, arrays: SplitArrays, trials: int, seed: int,
