@@ -108,7 +108,7 @@ def test_report_compares_evaluated_runs(tiny_features, tmp_path):
     table = (tmp_path / "report" / "comparison.md").read_text()
     assert "leak-free" in table and len([line for line in table.splitlines() if line.startswith(f"| {tmp_path}")]) == 2
     n_video = json.loads((runs[1] / "eval.json").read_text())["n_video"]
-    assert f"chance t2v R@1 = {100 / n_video:.1f} %" in table and "encoder " in table
+    assert f"chance t2v R@1 = {100 / n_video:.1f} %" in table and "encoder: " in table
     assert table.count("validation: ") == 2, "each row says what its checkpoint was selected on"
     r1 = json.loads((runs[1] / "eval.json").read_text())["t2v"]["R1"]
     assert f"| {r1:.1f} |" in table
