@@ -5,11 +5,14 @@
 Times ``steps`` optimiser steps of the real training step (``Trainer.step``: batch
 gather and float32 cast, forward, all loss terms, backward, clipping, AdamW, logging
 scalars) over every (caption, video) pair of the train split, after a short warm-up, and
-extrapolates to one epoch; ``--full-epoch`` times the whole epoch instead.
+extrapolates to one epoch; ``--full-epoch`` times the whole epoch instead. ``--amp bf16``
+and ``--compile`` time those training options (``TrainConfig.amp``, ``.compile``); the
+figures name the device (GPU model, or CPU model and threads), and ``--json`` writes them.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -21,7 +24,8 @@ WARMUP_STEPS = 20  # untimed: first-call allocations and kernel selection
 
 
 def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int = 32,
-          device: str = "cpu", full_epoch: bool = False, pooling_path: str = "folded") -> dict:
+          device: str = "cpu", full_epoch: bool = False, pooling_path: str = "folded", amp: str = "off",
+          compile: bool = False) -> dict:
     """Measured seconds per step and per epoch (the epoch figure is extrapolated from
     ``steps`` timed steps unless ``full_epoch``)."""
     import torch
@@ -29,10 +33,11 @@ def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int
     from tmass.features.format import load_split
     from tmass.train.data import PairData
     from tmass.train.registry import head_spec
-    from tmass.train.trainer import Trainer, TrainConfig, resolve_configs, resolve_device
+    from tmass.train.trainer import Trainer, TrainConfig, device_name, resolve_configs, resolve_device
 
     arrays = load_split(Path(features) / "train")
-    cfg = TrainConfig(epochs=1, batch_size=batch_size, device=device, pooling_path=pooling_path)
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, device=device, pooling_path=pooling_path, amp=amp,
+                      compile=compile)
     cfg, head_cfg = resolve_configs(cfg, head_spec(head).make_config(), arrays)
     dev = resolve_device(device)
     trainer = Trainer(cfg, head_cfg, PairData(arrays, dev), dev)
@@ -44,11 +49,12 @@ def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
     for _ in range(timed):
-        trainer.step(next(batches))  # .item() on the losses synchronises every step
+        trainer.step(next(batches))  # reading the step's record synchronises every step
     seconds = time.perf_counter() - start
     per_step = seconds / timed
     return {
-        "head": head, "pooling_path": pooling_path, "batch_size": batch_size, "device": str(dev), "threads": torch.get_num_threads(),
+        "head": head, "pooling_path": pooling_path, "batch_size": batch_size, "amp": amp, "compile": compile,
+        "device": str(dev), "device_name": device_name(dev), "threads": torch.get_num_threads(),
         "pairs": len(trainer.data), "steps_per_epoch": trainer.steps_per_epoch, "timed_steps": timed,
         "seconds_per_step": per_step, "steps_per_second": 1 / per_step,
         "seconds_per_epoch": per_step * trainer.steps_per_epoch, "extrapolated": not full_epoch,
@@ -104,9 +110,13 @@ def bench_losses(features: Path, losses: list[str], head: str = "tmass", steps: 
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--full-epoch", is_flag=True, help="Time a whole epoch instead of extrapolating.")
 @click.option("--pooling-path", type=click.Choice(["folded", "module"]), default="folded", show_default=True)
+@click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True,
+              help="bf16 autocast of the forward pass (TrainConfig.amp).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the loss computation (TrainConfig.compile).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the figures as JSON.")
 @click.option("--losses", default="", help="Comma list of registered losses (or 'all'): seconds per step of each, "
                                            "timed in interleaved rounds in this process, and the ratio to the first.")
-def main(features, head, steps, batch_size, device, full_epoch, pooling_path, losses):
+def main(features, head, steps, batch_size, device, full_epoch, pooling_path, amp, compile_, json_path, losses):
     """Print seconds per training epoch of HEAD on FEATURES/train."""
     if losses:
         from tmass.train.losses import loss_names
@@ -124,10 +134,13 @@ def main(features, head, steps, batch_size, device, full_epoch, pooling_path, lo
             click.echo(f"{head} batch {batch_size} loss {name}: {per_step * 1e3:.1f} ms/step, "
                        f"{per_step / times[names[0]]:.2f}x {names[0]}")
         return
-    r = bench(features, head, steps, batch_size, device, full_epoch, pooling_path)
+    r = bench(features, head, steps, batch_size, device, full_epoch, pooling_path, amp, compile_)
     how = f"extrapolated from {r['timed_steps']} steps" if r["extrapolated"] else "whole epoch timed"
+    if json_path:
+        json_path.write_text(json.dumps(r, indent=2) + "\n")
+    options = "".join((", bf16" if amp == "bf16" else "", ", compiled" if compile_ else ""))
     click.echo(
-        f"{r['head']} ({r['pooling_path']} pooling) batch {r['batch_size']} on {r['device']} ({r['threads']} threads): "
+        f"{r['head']} ({r['pooling_path']} pooling{options}) batch {r['batch_size']} on {r['device_name']}: "
         f"{r['seconds_per_step'] * 1e3:.1f} ms/step, {r['steps_per_second']:.1f} steps/s, "
         f"{r['seconds_per_epoch']:.0f} s/epoch of {r['pairs']} pairs ({r['steps_per_epoch']} steps; {how})"
     )
