@@ -27,6 +27,8 @@ def info(directory: Path):
     """Print what every split at or below DIRECTORY holds."""
     import json
 
+    from tmass.features.format import FeatureMeta
+
     for split_dir in _splits_or_fail(directory):
         manifest = json.loads((split_dir / "manifest.json").read_text())
         meta = manifest["meta"]
@@ -35,6 +37,7 @@ def info(directory: Path):
         click.echo(f"  dataset {meta['dataset']}  split {meta['split']}  source {meta.get('source')}")
         weights = meta["pretrained"] + (f" (sha256 {meta['checkpoint_sha256'][:12]})" if meta.get("checkpoint_sha256") else "")
         click.echo(f"  model {meta['model']}  weights {weights}  logit scale {meta['logit_scale']:g}")
+        click.echo(f"  encoder: {FeatureMeta.from_json(meta).encoder_label()}")
         if meta.get("random_init"):
             click.secho("  RANDOM-INIT ENCODER: these features carry no pretrained knowledge", fg="red")
         click.echo(
