@@ -126,7 +126,9 @@ train: $(STAMP) ## train HEAD into RUN (default RUNS/DATASET-HEAD): resumes an u
 	elif [ -f $$run/config.json ]; then \
 	  n=2; while [ -e $$run-$$n ]; do n=$$((n + 1)); done; \
 	  echo "$$run holds a finished run; training into $$run-$$n"; run=$$run-$$n; fi; \
-	tmass train --features $(FEATURES_DIR) --head $(HEAD) --out $$run $$resume $(TRAIN_ARGS)
+	features=$(FEATURES_DIR); [ -d "$$features" ] || \
+	  { echo "no features for DATASET=$(DATASET) under $(FEATURES)/: make extract first, or pass FEATURES_DIR=..."; exit 2; }; \
+	tmass train --features $$features --head $(HEAD) --out $$run $$resume $(TRAIN_ARGS)
 
 eval: $(STAMP) ## evaluate the latest training run under RUNS (or RUN=...): table, eval.json, sims.npy, figures/
 	@set -e; run="$(RUN)"; [ -n "$$run" ] || run=$$($(PYTHON) -m tmass.train.runs $(RUNS)); \
