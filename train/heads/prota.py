@@ -12,8 +12,7 @@ frames, tau = ``match_temperature``::
     low space:   a_k = P_t w_k / |P_t w_k|,     b_j = P_v f_j / |P_v f_j|     P [low_dim, dim]
     C_kj     = <a_k, b_j>                                            [n_token, n_frames]
     r_k      = sum_j softmax_j(C_kj / tau) C_kj                      word k's related frames
-    r_j      = sum_k softmax_k(C_kj / tau) C_kj                      frame j's related words
-    PA(a, b) = 1/2 (sum_k pi_k r_k + mean_j r_j),   pi = softmax over real k of <u, w_k>
+    PA(a, b) = sum_k pi_k r_k,   pi = softmax over real k of <u, w_k>
     s(t, v)  = 1/2 (PA_high + PA_low(mu))                            the score
 
     token Gaussians (low space): z = mu + sigma * eps,  mu = the low-space token,
@@ -27,8 +26,10 @@ Choices where the abstract is silent:
 
 * "Partial-related" aggregation: each token pools only the tokens of the other side that
   relate to it (a softmax with a low temperature, a soft maximum), so a caption need not
-  match the parts of the video it does not describe (content asymmetry); words are
-  weighted by a learned importance (u = 0 at init: uniform), frames equally.
+  match the parts of the video it does not describe (content asymmetry). Only the words
+  aggregate: a frame-to-word direction would ask every frame to find its words, which is
+  the asymmetry ProTA sets out to avoid (and would double the head's cost). Words are
+  weighted by a learned importance (u = 0 at init: uniform).
 * "Low- and high-dimensional" spaces: the CLIP space itself and a linear projection of it
   (``low_dim``), P_t and P_v starting from the same random Gaussian map (a
   Johnson-Lindenstrauss projection, so the untrained low space mirrors the high one).
@@ -102,25 +103,19 @@ class ProTA(RetrievalHead):
         low = (F.normalize(self.project_text(words), dim=-1), F.normalize(self.project_video(frames), dim=-1))
         return wmask, fmask, pi, low
 
-    def _aggregate(self, a: torch.Tensor, b: torch.Tensor, wmask, fmask, pi, paired: bool = False) -> torch.Tensor:
+    def _aggregate(self, a: torch.Tensor, b: torch.Tensor, fmask, pi) -> torch.Tensor:
         """PA of unit tokens a ``[n_text, n_token, d]`` and b ``[n_video, n_frames, d]`` ->
         ``[n_text, n_video]``."""
-        tau = self.cfg.match_temperature
         c = torch.einsum("tkd,vjd->tvkj", a, b)  # [n_text, n_video, n_token, n_frames]
-        words_to_frames = (c / tau).masked_fill(~fmask[None, :, None, :], float("-inf")).softmax(-1)
-        frames_to_words = (c / tau).masked_fill(~wmask[:, None, :, None], float("-inf")).softmax(-2)
-        r_words = (words_to_frames * c).sum(-1)  # [n_text, n_video, n_token]
-        r_frames = (frames_to_words * c).sum(-2)  # [n_text, n_video, n_frames]
-        frame_weight = fmask.to(c.dtype) / fmask.sum(-1, keepdim=True).clamp_min(1)  # [n_video, n_frames]
-        t2v = (pi[:, None, :] * r_words.nan_to_num()).sum(-1)
-        v2t = (frame_weight[None] * r_frames.nan_to_num()).sum(-1)
-        return (t2v + v2t) / 2
+        padding = torch.zeros(fmask.shape, dtype=c.dtype, device=c.device).masked_fill_(~fmask, float("-inf"))
+        related = torch.softmax(c / self.cfg.match_temperature + padding[None, :, None, :], dim=-1)
+        return torch.einsum("tk,tvk->tv", pi, (related * c).sum(-1))
 
     def score(self, text: TextFeatures, video: VideoFeatures, eps: torch.Tensor | None = None) -> torch.Tensor:
         """s(t, v) = 1/2 (PA_high + PA_low on the token means), ``[n_text, n_video]``."""
-        wmask, fmask, pi, (a_low, b_low) = self._tokens(text, video)
-        high = self._aggregate(F.normalize(text.tokens, dim=-1), F.normalize(video.frames, dim=-1), wmask, fmask, pi)
-        return (high + self._aggregate(a_low, b_low, wmask, fmask, pi)) / 2
+        _, fmask, pi, (a_low, b_low) = self._tokens(text, video)
+        high = self._aggregate(F.normalize(text.tokens, dim=-1), F.normalize(video.frames, dim=-1), fmask, pi)
+        return (high + self._aggregate(a_low, b_low, fmask, pi)) / 2
 
     def train_scores(self, text: TextFeatures, video: VideoFeatures) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean-path scores ``[B, B]``, and ``acl`` and ``kl`` on one draw of the token
@@ -133,7 +128,7 @@ class ProTA(RetrievalHead):
         sig_t, sig_v = F.softplus(self.sigma(a_low)), F.softplus(self.sigma(b_low))  # [B, n, low_dim]
         z_t = F.normalize(a_low + sig_t * torch.randn_like(a_low), dim=-1)
         z_v = F.normalize(b_low + sig_v * torch.randn_like(b_low), dim=-1)
-        sampled = self._aggregate(z_t, z_v, wmask, fmask, pi)  # [B, B]
+        sampled = self._aggregate(z_t, z_v, fmask, pi)  # [B, B]
         mean_sigma = ((sig_t.mean(-1) * wmask).sum(-1) / wmask.sum(-1).clamp_min(1)
                       + (sig_v.mean(-1) * fmask).sum(-1) / fmask.sum(-1).clamp_min(1)) / 2  # [B]
         logits = self.logit_scale() * (sampled - torch.diag(cfg.acl_margin * mean_sigma))

@@ -11,10 +11,10 @@ For one pair, with s the caption embedding, w_k the word tokens (k over the capt
 real tokens, SOT to EOT, the first ``max_words``), f_j the real frames, all
 L2-normalised, and tau = ``attention_temperature``::
 
-    q(x)     = x + W_q x                                  query projection (W_q [dim, dim], 0 at init)
-    alpha_j  = softmax_j <q(s), f_j> / tau                sentence's attention over frames
+    q(x, f)  = <x, f> + <U x, V f>                        attention logit (U, V [query_rank, dim]; U = 0 at init)
+    alpha_j  = softmax_j q(s, f_j) / tau                  sentence's attention over frames
     v_s      = sum_j alpha_j f_j                          sentence-conditioned video
-    beta_kj  = softmax_j <q(w_k), f_j> / tau              word k's attention over frames
+    beta_kj  = softmax_j q(w_k, f_j) / tau                word k's attention over frames
     f~_k     = sum_j beta_kj f_j                          word-conditioned frame
 
     s_sv     = cos(s, v_s)                                sentence-video      (a scalar)
@@ -44,7 +44,11 @@ here every feature is frozen and cached):
   unattended similarities drop out). Rows with fewer than k real entries keep the
   padding masked.
 * LSA is the same linear-softmax form over the three granularity scores; without it
-  they are averaged. A, U and W_q start at zero, so the untrained head averages.
+  they are averaged. A, U (of LSA) and U (of the query) start at zero, so the untrained
+  head averages and attends by cosine.
+* The learned part of the attention logit is low rank (``query_rank``): a full
+  ``dim x dim`` query map would cost a second word-frame product per pair, as large as
+  the first, at evaluation.
 * SDR enters training through :meth:`RetrievalHead.train_scores` as the extra term
   ``head.sdr`` (already weighted), added to the loss's total; it never touches scores.
 * Every quantity is a function of its own (caption, video) pair; no noise.
@@ -78,6 +82,7 @@ class TCMGCConfig(BaseHeadConfig):
     sdr_weight: float = setting(1.0, bounds="[0, inf)", help="Weight of the SDR term.")
     lsa: bool = setting(True, help="TC-MGC linear softmax aggregation of the granularities (else their mean).")
     max_words: int = setting(32, bounds="[1, inf)", help="Word tokens ISA weighs without SR (longer captions are cut).")
+    query_rank: int = setting(32, bounds="[1, inf)", help="Rank of TC-MGC's learned attention logit term.")
 
 
 def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
@@ -115,8 +120,9 @@ class TCMGC(RetrievalHead):
     def __init__(self, cfg: TCMGCConfig):
         super().__init__(cfg)
         dim = cfg.embed_dim
-        self.query = nn.Linear(dim, dim, bias=False)
-        nn.init.zeros_(self.query.weight)
+        self.query_words = nn.Linear(dim, cfg.query_rank, bias=False)  # U
+        self.query_frames = nn.Linear(dim, cfg.query_rank, bias=False)  # V
+        nn.init.zeros_(self.query_words.weight)
         keep = cfg.sr_keep if cfg.sr else None
         self.isa_frames = _ISA(cfg.num_frames, keep)
         self.isa_words = _ISA(cfg.max_words, keep)
@@ -135,13 +141,13 @@ class TCMGC(RetrievalHead):
         fmask = video.frame_mask if video.frame_mask is not None else torch.ones(f.shape[:2], dtype=torch.bool,
                                                                                  device=f.device)
         gram = torch.einsum("vjd,vld->vjl", f, f)  # [n_video, n_frames, n_frames]
+        keys = self.query_frames(f)  # [n_video, n_frames, query_rank]
 
         def attend(x: torch.Tensor) -> torch.Tensor:
-            """cos(x, sum_j softmax_j(<q(x), f_j>/tau) f_j) for x ``[n_text, n, dim]`` -> ``[n_text, n_video, n]``."""
-            q = x + self.query(x)
-            logits = torch.einsum("tnd,vjd->tvnj", q, f) / tau  # [n_text, n_video, n, n_frames]
+            """cos(x, sum_j softmax_j(q(x, f_j)/tau) f_j) for x ``[n_text, n, dim]`` -> ``[n_text, n_video, n]``."""
+            dots = torch.einsum("tnd,vjd->tvnj", x, f)  # [n_text, n_video, n, n_frames]
+            logits = (dots + torch.einsum("tnr,vjr->tvnj", self.query_words(x), keys)) / tau
             weights = _masked_softmax(logits, fmask[None, :, None, :])
-            dots = torch.einsum("tnd,vjd->tvnj", x, f)
             norm = torch.einsum("tvnj,vjl,tvnl->tvn", weights, gram, weights).clamp_min(1e-12).sqrt()
             return (weights * dots).sum(-1) / norm
 
