@@ -35,17 +35,18 @@ def smooth_ndcg(scores: torch.Tensor, relevance: torch.Tensor, valid: torch.Tens
                 temperature: float) -> torch.Tensor:
     """Smooth NDCG@k ``[n_list]`` of lists: scores, relevance ``[n_list, n_item]`` and
     valid ``[n_list, n_item]`` bool (the items of each list); see the module docstring."""
+    valid = valid.to(scores.dtype)
     gain = (torch.pow(2.0, relevance) - 1.0) * valid  # [n_list, n_item]
+    # 1 + sum over b != a: the b = a term of the full sum is sigmoid(0) = 1/2
     above = torch.sigmoid((scores[:, None, :] - scores[:, :, None]) / temperature)  # [list, a, b]: b above a
-    above = above * valid[:, None, :] * ~torch.eye(scores.shape[1], dtype=torch.bool, device=scores.device)
-    rank = 1.0 + above.sum(dim=2)  # [n_list, n_item]
-    cut = scores.shape[1] if k == 0 else k
-    kept = (rank.detach() <= cut + 0.5) & valid
-    dcg = (gain * kept / torch.log2(1.0 + rank)).sum(dim=1)
-    ideal = gain.sort(dim=1, descending=True).values[:, :cut]
-    positions = torch.arange(1, ideal.shape[1] + 1, device=scores.device, dtype=scores.dtype)
-    idcg = (ideal / torch.log2(1.0 + positions)).sum(dim=1)
-    return dcg / idcg.clamp_min(1e-12)
+    rank = 0.5 + (above * valid[:, None, :]).sum(dim=2)  # [n_list, n_item]
+    with torch.no_grad():
+        cut = scores.shape[1] if k == 0 else k
+        kept_gain = gain * (rank <= cut + 0.5)
+        ideal = gain.sort(dim=1, descending=True).values[:, :cut]
+        positions = torch.arange(2, ideal.shape[1] + 2, device=scores.device, dtype=scores.dtype)
+        idcg = (ideal / torch.log2(positions)).sum(dim=1).clamp_min(1e-12)
+    return (kept_gain / torch.log2(1.0 + rank)).sum(dim=1) / idcg
 
 
 @dataclass(frozen=True)
