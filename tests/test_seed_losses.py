@@ -221,10 +221,11 @@ def test_caption_relevance_by_the_best_caption_of_each_video():
     """t0 = e0, t1 = (e0 + e1)/sqrt 2, t2 = e2; captions 1 and 2 show one video. Floor
     0.5: cos 0.707 -> 0.414; a video is as relevant as its best caption; positives 1."""
     text = [[1, 0, 0], [2 ** -0.5, 2 ** -0.5, 0], [0, 0, 1]]
-    relevance = caption_relevance(_batch([0, 1, 1], text), 0.5)
+    batch = _batch([0, 1, 1], text)
+    relevance = caption_relevance(batch.text, batch.positives, 0.5)
     part = (2 ** -0.5 - 0.5) / 0.5
     assert torch.allclose(relevance, torch.tensor([[1, part, part], [part, 1, 1], [0, 1, 1]]), atol=1e-6)
-    assert first_columns(_batch([0, 1, 1, 0, 2])).tolist() == [True, True, False, False, True]
+    assert first_columns(_batch([0, 1, 1, 0, 2]).positives).tolist() == [True, True, False, False, True]
 
 
 def _relevance_file(tmp_path, matrix, text_ids, video_ids, kind="npz"):

@@ -41,7 +41,7 @@ import torch
 from tmass.train.config import setting
 from tmass.train.data import Batch
 from tmass.train.losses import Loss, Scores
-from tmass.train.losses.relevance import PseudoLabelConfig, PseudoLabelLoss, both_lists
+from tmass.train.losses.relevance import PseudoLabelConfig, PseudoLabelLoss
 
 
 def soft_negative_triplet(cos: torch.Tensor, positives: torch.Tensor, margin: float,
@@ -135,6 +135,5 @@ class Kendall(PseudoLabelLoss):
     def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         t2v, v2t = soft_negative_triplet(scores.cos, batch.positives, cfg.margin, cfg.mining_temperature)
-        rank = kendall_ranking(*both_lists(batch, scores.cos, self.relevance(batch)), cfg.window, cfg.label_noise,
-                               cfg.kendall_temperature)
+        rank = kendall_ranking(*self.lists(batch, scores.cos), cfg.window, cfg.label_noise, cfg.kendall_temperature)
         return {"triplet": t2v + v2t, "kendall": rank, "total": t2v + v2t + cfg.kendall_weight * rank}

@@ -60,33 +60,23 @@ class PseudoLabelConfig:
             raise ValueError(f"relevance_floor must be in [0, 1), got {self.relevance_floor}")
 
 
-def caption_relevance(batch: Batch, floor: float) -> torch.Tensor:
-    """Pseudo labels ``[B_text, B_video]`` in [0, 1] from the batch's CLIP text
-    embeddings (see the module docstring); no gradient."""
+def caption_relevance(text: torch.Tensor, positives: torch.Tensor, floor: float) -> torch.Tensor:
+    """Pseudo labels ``[B_text, B_video]`` in [0, 1] from a batch's CLIP text embeddings
+    ``text`` ``[B, dim]`` and its ``positives`` (see the module docstring); no gradient."""
     with torch.no_grad():
-        text = F.normalize(batch.text, dim=-1)
+        text = F.normalize(text, dim=-1)
         cos = text @ text.T  # [B_text, B_text(caption k)]
-        positives = batch.positives  # [B_text(k), B_video]: caption k shows column j's video
+        # positives[k, j]: caption k shows column j's video
         by_video = cos[:, :, None].masked_fill(~positives[None], float("-inf")).amax(dim=1)  # [B_text, B_video]
         relevance = ((by_video - floor) / (1.0 - floor)).clamp(0.0, 1.0)
         return relevance.masked_fill(positives, 1.0)
 
 
-def first_columns(batch: Batch) -> torch.Tensor:
-    """``[B_video]`` bool: the first column of each distinct video. Several captions of one
-    video repeat its column; a list of videos for a caption keeps each video once."""
-    same = batch.video_rows[:, None] == batch.video_rows[None, :]  # [B, B]
-    return ~torch.tril(same, diagonal=-1).any(dim=1)
-
-
-def both_lists(batch: Batch, cos: torch.Tensor, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The lists a listwise loss ranks, stacked: each caption's list of the batch's
-    distinct videos, then each distinct video's list of the batch's captions. From cos
-    and relevance ``[B_text, B_video]``: (scores, relevance, valid), each
-    ``[B_text + n_distinct, B]`` (valid: the items in each list)."""
-    videos = first_columns(batch)  # [B_video]
-    valid = torch.cat([videos.expand_as(cos), torch.ones_like(cos[videos], dtype=torch.bool)])
-    return torch.cat([cos, cos.T[videos]]), torch.cat([relevance, relevance.T[videos]]), valid
+def first_columns(positives: torch.Tensor) -> torch.Tensor:
+    """``[B_video]`` bool from a batch's positives ``[B, B]``: the first column of each
+    distinct video. Several captions of one video repeat its column; a list of videos for
+    a caption keeps each video once."""
+    return ~torch.tril(positives, diagonal=-1).any(dim=1)
 
 
 def read_relevance(path: str) -> tuple[np.ndarray, list[str], list[str]]:
@@ -152,14 +142,32 @@ class PseudoLabelLoss(Loss):
 
     def relevance(self, batch: Batch) -> torch.Tensor:
         """``[B_text, B_video]`` in [0, 1], 1 on the positives."""
-        if self._last is not None and self._last[0] is batch:  # T-MASS scores several text variants per batch
+        return self._of(batch)[1]
+
+    def lists(self, batch: Batch, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The lists a listwise loss ranks, stacked: each caption's list of the batch's
+        distinct videos, then each distinct video's list of the batch's captions. From
+        cos ``[B_text, B_video]``: (scores, relevance, valid), each ``[B_text +
+        n_distinct, B]`` (valid: the items in each list)."""
+        videos, _, relevance, valid = self._of(batch)
+        return torch.cat([cos, cos.T[videos]]), relevance, valid
+
+    def _of(self, batch: Batch) -> tuple:
+        """What depends on the batch alone, computed once per batch (T-MASS scores several
+        text variants on one batch): the distinct videos' columns, the relevance, and
+        the lists' relevance and valid items."""
+        if self._last is not None and self._last[0] is batch:
             return self._last[1]
+        positives = batch.positives
         if self._file is None:
-            relevance = caption_relevance(batch, self.cfg.relevance_floor)
+            relevance = caption_relevance(batch.text, positives, self.cfg.relevance_floor)
         elif self._matrix is None:
             raise ValueError(f"--relevance {self.cfg.relevance}: the loss was not prepared with the training split's ids")
         else:
             picked = self._matrix.to(batch.text.device)[batch.text_rows][:, batch.video_rows]
-            relevance = picked.masked_fill(batch.positives, 1.0)
-        self._last = (batch, relevance)
-        return relevance
+            relevance = picked.masked_fill(positives, 1.0)
+        first = first_columns(positives)
+        videos = first.nonzero().squeeze(1)  # [n_distinct]
+        valid = torch.cat([first.expand_as(positives), positives.new_ones(len(videos), len(first))])
+        self._last = (batch, (videos, relevance, torch.cat([relevance, relevance.T[videos]]), valid))
+        return self._last[1]

@@ -28,18 +28,18 @@ from tmass.train.config import setting
 from tmass.train.data import Batch
 from tmass.train.losses import Scores
 from tmass.train.losses.infonce import symmetric_infonce
-from tmass.train.losses.relevance import PseudoLabelConfig, PseudoLabelLoss, both_lists
+from tmass.train.losses.relevance import PseudoLabelConfig, PseudoLabelLoss
 
 
 def smooth_ndcg(scores: torch.Tensor, relevance: torch.Tensor, valid: torch.Tensor, k: int,
                 temperature: float) -> torch.Tensor:
     """Smooth NDCG@k ``[n_list]`` of lists: scores, relevance ``[n_list, n_item]`` and
     valid ``[n_list, n_item]`` bool (the items of each list); see the module docstring."""
-    valid = valid.to(scores.dtype)
     gain = (torch.pow(2.0, relevance) - 1.0) * valid  # [n_list, n_item]
-    # 1 + sum over b != a: the b = a term of the full sum is sigmoid(0) = 1/2
-    above = torch.sigmoid((scores[:, None, :] - scores[:, :, None]) / temperature)  # [list, a, b]: b above a
-    rank = 0.5 + (above * valid[:, None, :]).sum(dim=2)  # [n_list, n_item]
+    # an item outside the list sits far below every other (sigmoid 0 above them), and
+    # 1 + sum over b != a is the full sum plus 1/2: its b = a term is sigmoid(0)
+    scaled = (scores / temperature).masked_fill(~valid, -1e4)  # [n_list, n_item]
+    rank = 0.5 + torch.sigmoid(scaled[:, None, :] - scaled[:, :, None]).sum(dim=2)  # [list, a]: sum over b above a
     with torch.no_grad():
         cut = scores.shape[1] if k == 0 else k
         kept_gain = gain * (rank <= cut + 0.5)
@@ -73,6 +73,6 @@ class SmoothNDCG(PseudoLabelLoss):
         exclude = positives & ~torch.eye(len(positives), dtype=torch.bool, device=positives.device)
         pairwise = symmetric_infonce(scores.logits, exclude)
         cfg = self.cfg
-        ndcg = smooth_ndcg(*both_lists(batch, scores.cos, self.relevance(batch)), cfg.ndcg_k, cfg.rank_temperature)
+        ndcg = smooth_ndcg(*self.lists(batch, scores.cos), cfg.ndcg_k, cfg.rank_temperature)
         listwise = 1.0 - ndcg.mean()
         return {"infonce": pairwise, "ndcg": listwise, "total": pairwise + cfg.ndcg_weight * listwise}
