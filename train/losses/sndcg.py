@@ -38,7 +38,7 @@ def smooth_ndcg(scores: torch.Tensor, relevance: torch.Tensor, valid: torch.Tens
     gain = (torch.pow(2.0, relevance) - 1.0) * valid  # [n_list, n_item]
     # an item outside the list sits far below every other (sigmoid 0 above them), and
     # 1 + sum over b != a is the full sum plus 1/2: its b = a term is sigmoid(0)
-    scaled = (scores / temperature).masked_fill(~valid, -1e4)  # [n_list, n_item]
+    scaled = (scores / temperature).masked_fill(~valid, torch.finfo(scores.dtype).min / 4)  # [n_list, n_item]
     rank = 0.5 + torch.sigmoid(scaled[:, None, :] - scaled[:, :, None]).sum(dim=2)  # [list, a]: sum over b above a
     with torch.no_grad():
         cut = scores.shape[1] if k == 0 else k
