@@ -56,8 +56,8 @@ demo: $(STAMP) ## the offline demo: render, extract, train and evaluate meanP, X
 clean-demo: ## delete DEMO_DIR (features, runs, report), so the next make demo starts over
 	rm -rf $(DEMO_DIR)
 
-clean: clean-demo ## clean-demo, the rendered demo clips and bench-report.txt; never runs/ or features-data/
-	rm -rf $(DEMO_DATA) $(BENCH_REPORT) $(BENCH_REPORT).tmp
+clean: clean-demo ## clean-demo, the rendered demo clips and bench-report.txt/.json; never runs/ or features-data/
+	rm -rf $(DEMO_DATA) $(BENCH_REPORT) $(BENCH_REPORT).tmp $(BENCH_REPORT_JSON) $(BENCH_REPORT).parts
 
 # Retrain the demo encoder's shipped weights on rendered clips that are not the demo's
 # (about 10 minutes on a 2-core CPU, one thread) and compare their SHA-256 with the
@@ -70,9 +70,15 @@ demo-encoder: $(STAMP) ## retrain the demo encoder (about 10 min) into DEMO_ENCO
 # (180,000 pairs); simulates the features once into BENCH_FEATURES.
 BENCH_FEATURES ?= /tmp/sim-msrvtt
 BENCH_STEPS    ?= 500
+# Where the benchmarks run (auto: the GPU where there is one), and, set by `make bench`,
+# the folder each writes its figures to as JSON.
+BENCH_DEVICE   ?= auto
+BENCH_JSON_DIR ?=
+bench_json = $(if $(BENCH_JSON_DIR),--json $(BENCH_JSON_DIR)/$(1).json)
 bench-train: $(STAMP) ## seconds per T-MASS training epoch on simulated MSR-VTT
 	@test -f $(BENCH_FEATURES)/test/manifest.json || tmass features simulate --preset msrvtt --out $(BENCH_FEATURES)
-	$(PYTHON) -m tmass.train.bench --features $(BENCH_FEATURES) --head tmass --batch-size 32 --steps $(BENCH_STEPS)
+	$(PYTHON) -m tmass.train.bench --features $(BENCH_FEATURES) --head tmass --batch-size 32 --steps $(BENCH_STEPS) \
+	  --device $(BENCH_DEVICE) $(call bench_json,train)
 
 # Videos -> frozen CLIP features under FEATURES/<dataset>/<model>__<weights>/<split>/.
 # Exits 3 when some inputs were skipped (listed in each manifest's `failed`).
@@ -90,20 +96,20 @@ extract: $(STAMP) ## videos of DATASET under DATA_ROOT -> features under FEATURE
 # Frames/s of the whole extraction against the model alone on the same frames
 # (random-init MODEL on CPU, MSR-VTT-sized rendered clips).
 bench-extract: $(STAMP) ## extraction frames/s against the model alone on the same frames
-	$(PYTHON) -m tmass.extract.bench --model $(MODEL)
+	$(PYTHON) -m tmass.extract.bench --model $(MODEL) --device $(BENCH_DEVICE) $(call bench_json,extract)
 
 # Seconds and peak memory of T-MASS inference (M = 20) at the MSR-VTT 1k-A and VATEX test
 # scales, fast path beside the naive reference. BENCH_EVAL_ARGS=--quick: MSR-VTT only.
 BENCH_EVAL_ARGS ?=
 bench-eval: $(STAMP) ## time and peak memory of T-MASS inference, fast path beside naive
-	$(PYTHON) -m tmass.evaluate.bench $(BENCH_EVAL_ARGS)
+	$(PYTHON) -m tmass.evaluate.bench --device $(BENCH_DEVICE) $(BENCH_EVAL_ARGS) $(call bench_json,eval)
 
 # tmass search: two-stage R@10 against exhaustive T-MASS scoring (K = 50, 200, 1000) on
 # simulated MSR-VTT, VATEX and a 100k gallery, and latency per query at 10k, 100k and 1M
 # videos (the 1M case holds ~5 GiB). BENCH_SEARCH_ARGS="--sizes 10000 --scaled ''": quick.
 BENCH_SEARCH_ARGS ?=
 bench-search: $(STAMP) ## two-stage search recall against exhaustive scoring, and latency per query
-	$(PYTHON) -m tmass.search_bench $(BENCH_SEARCH_ARGS)
+	$(PYTHON) -m tmass.search_bench $(BENCH_SEARCH_ARGS) $(call bench_json,search)
 
 # make extract && make train && make eval chain with these defaults: train reads what
 # extract wrote for DATASET, eval takes the latest run (or RUN=...).
@@ -153,13 +159,23 @@ ablate: $(STAMP) ## the paper's ablation sweeps (Tables 4-6, Figs. 6-7) on cache
 	  --epochs $(ABLATE_EPOCHS) --lr $(ABLATE_LR) --jobs $(JOBS) $(ABLATE_ARGS)
 
 # Every speed and memory benchmark in one report (BENCH_REPORT), headed by the machine it
-# ran on; progress bars go to the terminal only. Run it on an otherwise idle machine.
-BENCH_REPORT ?= bench-report.txt
-bench: $(STAMP) ## every benchmark in one report, BENCH_REPORT, headed by the machine
+# ran on, and every figure as JSON beside it (BENCH_REPORT_JSON: the header, then each
+# benchmark's own JSON under its name); progress bars go to the terminal only. Run it on
+# an otherwise idle machine; on a GPU machine the GPU runs eval, train and extract.
+BENCH_REPORT      ?= bench-report.txt
+BENCH_REPORT_JSON ?= $(basename $(BENCH_REPORT)).json
+bench: $(STAMP) ## every benchmark in one report, BENCH_REPORT, headed by the machine, and as JSON (BENCH_REPORT_JSON)
+	@rm -rf $(BENCH_REPORT).parts && mkdir -p $(BENCH_REPORT).parts
 	@{ echo "tmass $$($(PYTHON) -c 'import tmass; print(tmass.__version__)') benchmarks, $$(date -u '+%F %H:%M UTC')"; \
 	  echo "machine: $$(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1), $$(nproc) cores, $$(free -g | awk '/^Mem/{print $$2}') GiB," \
 	       "GPU: $$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep . || echo none)"; \
 	  for target in bench-eval bench-train bench-extract bench-search; do \
-	    echo; echo "== make $$target"; $(MAKE) --no-print-directory -s $$target || exit 1; \
+	    echo; echo "== make $$target"; $(MAKE) --no-print-directory -s $$target BENCH_JSON_DIR=$(BENCH_REPORT).parts || exit 1; \
 	  done; } > $(BENCH_REPORT).tmp
 	@mv $(BENCH_REPORT).tmp $(BENCH_REPORT) && cat $(BENCH_REPORT) && echo "report written to $(BENCH_REPORT)"
+	@$(PYTHON) -c 'import json, pathlib, sys; report, parts, out = map(pathlib.Path, sys.argv[1:]); \
+	  title, machine = report.read_text().splitlines()[:2]; \
+	  out.write_text(json.dumps({"title": title, "machine": machine.removeprefix("machine: "), "benchmarks": \
+	    {p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}}, indent=2) + "\n")' \
+	  $(BENCH_REPORT) $(BENCH_REPORT).parts $(BENCH_REPORT_JSON)
+	@rm -rf $(BENCH_REPORT).parts && echo "figures written to $(BENCH_REPORT_JSON)"

@@ -5,6 +5,9 @@ and VATEX test scales, fast path beside the naive reference, in one run.
     python -m tmass.evaluate.bench --quick    # MSR-VTT scale only
     python -m tmass.evaluate.bench --no-heads # the T-MASS cases only
 
+On CUDA (``--device cuda``) ``fast`` is the torch scorer, and each case also reports its
+peak GPU memory; the header names the device, and ``--json`` writes every figure.
+
 Each case runs in its own process so that its peak RSS is its own. Features are random
 (timing does not depend on values), the head an untrained T-MASS head with the linear
 radius, M = 20 trials. The naive path is linear in the number of pairs; it is timed on a
@@ -20,11 +23,11 @@ gives each CPU time as a multiple of X-Pool's.
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -56,7 +59,8 @@ def _case(scale: str, path: str, noise: str, n_text: int, device: str) -> dict:
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     assert np.isfinite(scores).all()
     return {"seconds": seconds, "cpu_seconds": cpu, "pairs": n_text * n_video,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
 
 
 def _head_case(name: str, device: str) -> dict:
@@ -109,16 +113,20 @@ def _run_case(*case) -> dict:
 @click.option("--skip-naive", is_flag=True)
 @click.option("--heads/--no-heads", default=True, show_default=True,
               help="Also time every registered head at the MSR-VTT 1k-A scale.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure as JSON.")
 @click.option("--case", hidden=True)
-def main(quick: bool, device: str, skip_naive: bool, heads: bool, case: str | None):
+def main(quick: bool, device: str, skip_naive: bool, heads: bool, json_path: Path | None, case: str | None):
     if case:
         args = json.loads(case)
         click.echo(json.dumps(_case(*args) if len(args) == 5 else _head_case(*args)))
         return
-    import torch
+    from tmass.train.trainer import device_name, resolve_device
 
-    click.echo(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-               f"device {device}; T-MASS linear radius, M = 20, 12 frames, dim 512")
+    dev = resolve_device(device)
+    device = str(dev)
+    report = {"device": device_name(dev), "cases": [], "heads": {}}
+    click.echo(f"device: {report['device']}; T-MASS linear radius, M = 20, 12 frames, dim 512; "
+               f"path fast: {'the numba kernel' if dev.type == 'cpu' else 'the torch scorer'}")
     click.echo("seconds: wall clock; CPU: all threads' CPU time (less sensitive to other load on the machine)")
     click.echo(f"{'case':28}{'path':7}{'noise':8}{'seconds':>10}{'CPU s':>9}{'peak RSS':>12}  note")
     for scale in (["msrvtt"] if quick else ["msrvtt", "vatex"]):
@@ -131,8 +139,12 @@ def main(quick: bool, device: str, skip_naive: bool, heads: bool, case: str | No
             result = _run_case(scale, path, noise, n_text, device)
             scale_up = spec["n_text"] / n_text
             note = "" if n_text == spec["n_text"] else f"extrapolated from {n_text}x{spec['n_video']} pairs"
+            gpu = f", peak GPU {result['peak_cuda_mib']:.0f} MiB" if dev.type == "cuda" else ""
             click.echo(f"{name:28}{path:7}{noise:8}{result['seconds'] * scale_up:10.1f}{result['cpu_seconds'] * scale_up:9.1f}"
-                       f"{result['peak_rss_mib']:9.0f} MiB  {note}")
+                       f"{result['peak_rss_mib']:9.0f} MiB  {note}{gpu}")
+            report["cases"].append({"case": name, "path": path, "noise": noise, **result,
+                                    "seconds": result["seconds"] * scale_up, "cpu_seconds": result["cpu_seconds"] * scale_up,
+                                    "extrapolated_from_texts": None if n_text == spec["n_text"] else n_text})
 
     if heads:
         from tmass.train.registry import display_name, head_names
@@ -140,12 +152,14 @@ def main(quick: bool, device: str, skip_naive: bool, heads: bool, case: str | No
         click.echo(f"\nevery registered head, MSR-VTT 1k-A 1000x1000, untrained, random features "
                    f"({HEAD_TOKENS} word tokens, {HEAD_PATCHES} patches per frame where declared), path fast")
         click.echo(f"{'head':12}{'trials':>7}{'seconds':>10}{'CPU s':>9}{'peak RSS':>12}{'x X-Pool CPU':>14}")
-        results = {name: _run_case(name, device) for name in head_names()}
+        results = report["heads"] = {name: _run_case(name, device) for name in head_names()}
         xpool = results.get("xpool", {}).get("cpu_seconds")  # CPU time: less sensitive to other load
         for name, r in results.items():
             ratio = f"{r['cpu_seconds'] / xpool:14.1f}" if xpool else f"{'':14}"
             click.echo(f"{display_name(name):12}{r['trials']:7d}{r['seconds']:10.1f}{r['cpu_seconds']:9.1f}"
                        f"{r['peak_rss_mib']:9.0f} MiB{ratio}")
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
