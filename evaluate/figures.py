@@ -27,11 +27,21 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def sweep_figure(sweep, rows: list[dict]):
+def chance_line(ax, n_video: int, k: int = 1) -> None:
+    """The chance level of text-to-video R@k on a gallery of ``n_video`` videos
+    (100 k / n_video %), as a labelled dashed line on a recall axis."""
+    chance = 100 * min(k, n_video) / n_video
+    ax.axhline(chance, color="tab:red", ls="--", lw=1, label=f"chance R@{k} = {chance:.1f} % ({n_video} videos)")
+    ax.legend(fontsize=8, loc="best")
+
+
+def sweep_figure(sweep, rows: list[dict], n_video: int | None = None, provenance: str = ""):
     """R@1 and MnR (text-to-video, mean ± std over seeds) of each variant of a sweep:
     points for categorical sweeps, lines over ``Variant.x`` for numeric ones. Axes 0
-    and 1 hold one errorbar line each, in ``rows`` order."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    and 1 hold one errorbar line each, in ``rows`` order; with ``n_video`` (the test
+    gallery's size) the R@1 axis also holds the chance level. ``provenance``: lines
+    for the title saying what made the numbers (encoder, features, split, selection)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6 if provenance else 4))
     seeds = rows[0]["seeds"] if rows else 0
     for ax, metric, label in ((axes[0], "R1", "R@1 (%) ↑"), (axes[1], "MnR", "mean rank ↓")):
         means = [r[metric] for r in rows]
@@ -50,21 +60,25 @@ def sweep_figure(sweep, rows: list[dict]):
             ax.set_xlabel(sweep.x_label)
         ax.set_ylabel(f"text-to-video {label}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{sweep.title}\nleak-free test metrics, mean ± std over {seeds} seeds", fontsize=10)
+    if n_video:
+        chance_line(axes[0], n_video)
+    fig.suptitle(f"{sweep.title}\nleak-free test metrics, mean ± std over {seeds} seeds"
+                 + (f"\n{provenance}" if provenance else ""), fontsize=9 if provenance else 10)
     return fig
 
 
-def plot_sweep(sweep, rows: list[dict], path: Path) -> Path:
+def plot_sweep(sweep, rows: list[dict], path: Path, n_video: int | None = None, provenance: str = "") -> Path:
     """:func:`sweep_figure`, written to ``path``."""
-    return _save(sweep_figure(sweep, rows), path)
+    return _save(sweep_figure(sweep, rows, n_video, provenance), path)
 
 
 STEP_FIELDS = ("step", "epoch", "lr", "logit_scale")  # of a log.jsonl step record; the other keys are losses
 
 
-def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
-    """Loss terms, validation R@1 (where the run validated), logit scale and learning
-    rate against the optimisation step of one run, from its ``log.jsonl``."""
+def training_curves_figure(run_dir: Path):
+    """Loss terms, validation R@1 (where the run validated; with the validation split's
+    chance level where the log records its size), logit scale and learning rate against
+    the optimisation step of one run, from its ``log.jsonl``: axes 0 to 3."""
     run_dir = Path(run_dir)
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "lr" in r and "total" in r]
@@ -87,10 +101,13 @@ def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
             line.set_label(term)
     axes[0].set(xlabel="optimiser step", ylabel="loss (nats)",
                 title="loss terms" + (f" (faint: per step; line: mean of {window})" if window > 1 else ""))
-    axes[0].legend(fontsize=8, loc="best")
+    if len(x):  # a run of 0 epochs logged no step
+        axes[0].legend(fontsize=8, loc="best")
     if vals:
         axes[1].plot([v["step"] for v in vals], [v["t2v"]["R1"] for v in vals], "k-o", ms=3)
         axes[1].set_title(f"validation t2v R@1 ({vals[-1].get('split', 'val')} split)")
+        if vals[-1].get("videos"):
+            chance_line(axes[1], vals[-1]["videos"])
     else:
         axes[1].text(0.5, 0.5, "no validation in this run", ha="center", va="center", transform=axes[1].transAxes)
         axes[1].set_title("validation t2v R@1")
@@ -104,7 +121,12 @@ def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
     config = json.loads((run_dir / "config.json").read_text())
     encoder = f"\nencoder: {config['encoder']}" if config.get("encoder") else ""
     fig.suptitle(f"{run_dir}: {display_name(config['head']['head'])} head{encoder}", fontsize=10)
-    return _save(fig, path or run_dir / "training-curves.png")
+    return fig
+
+
+def plot_training_curves(run_dir: Path, path: Path | None = None) -> Path:
+    """:func:`training_curves_figure`, written to ``path`` (default: the run's training-curves.png)."""
+    return _save(training_curves_figure(run_dir), path or Path(run_dir) / "training-curves.png")
 
 
 def _irrelevant_max(scores: np.ndarray, text_to_video: np.ndarray) -> np.ndarray:
@@ -161,11 +183,16 @@ def gallery_queries(text_to_video: np.ndarray, queries: int) -> np.ndarray:
     return first_caption[picks]
 
 
-def plot_gallery(scores: np.ndarray, captions: list[str], text_to_video: np.ndarray, video_frames,
-                 path: Path, queries: int = 5, top: int = 5, frames_per_video: int = 4, title: str = "") -> Path:
+CORRECT_COLOUR = "tab:green"  # the gallery's frame around the captioned video
+
+
+def gallery_figure(scores: np.ndarray, captions: list[str], text_to_video: np.ndarray, video_frames,
+                   queries: int = 5, top: int = 5, frames_per_video: int = 4, title: str = ""):
     """Retrieval gallery: ``queries`` captions, each the first caption of a different
     video (spread over the split), with the ``top`` best-scoring videos as strips of
-    ``frames_per_video`` frames, the correct video framed green.
+    ``frames_per_video`` frames; the captioned video (a correct hit) is framed in
+    :data:`CORRECT_COLOUR` and its title ends in a tick. Axes ``[row, k]``: query row's
+    k-th ranked video.
 
     scores ``[n_text, n_video]``, captions ``[n_text]``, text_to_video ``[n_text]``,
     ``video_frames(v, n)``: n frames of video v, ``[n, height, width, 3]`` uint8 (the
@@ -182,13 +209,19 @@ def plot_gallery(scores: np.ndarray, captions: list[str], text_to_video: np.ndar
             ax.set_yticks([])
             correct = v == text_to_video[q]
             for spine in ax.spines.values():
-                spine.set_edgecolor("tab:green" if correct else "0.7")
+                spine.set_edgecolor(CORRECT_COLOUR if correct else "0.7")
                 spine.set_linewidth(4 if correct else 1)
             ax.set_title(f"#{k + 1}  score {scores[q, v]:.3f}" + ("  ✓" if correct else ""), fontsize=8)
         axes[row, 0].set_ylabel("\n".join(_wrap(captions[q], 28)), fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(title or f"Retrieval gallery: top {top} videos per query ({frames_per_video} frames each, time left to right)",
                  fontsize=10)
-    return _save(fig, path)
+    return fig
+
+
+def plot_gallery(scores: np.ndarray, captions: list[str], text_to_video: np.ndarray, video_frames, path: Path,
+                 **options) -> Path:
+    """:func:`gallery_figure` (``options``: its keywords), written to ``path``."""
+    return _save(gallery_figure(scores, captions, text_to_video, video_frames, **options), path)
 
 
 def _wrap(text: str, width: int) -> list[str]:

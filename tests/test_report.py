@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from tmass.cli import main
-from tmass.evaluate.figures import gallery_queries, similarity_figure, sweep_figure
+from tmass.evaluate.figures import (CORRECT_COLOUR, gallery_figure, gallery_queries, similarity_figure, sweep_figure,
+                                    training_curves_figure)
 from tmass.sweep import SWEEPS, SweepConfig, Variant, _frames_of, run_sweeps, subsample_frames
 
 
@@ -41,6 +42,36 @@ def test_trials_sweep_trains_once_and_reuses_runs(tiny_features, tmp_path):
         line = bars.lines[0]  # the data line of the errorbar (the rest are caps and bars)
         assert list(line.get_xdata()) == [r["x"] for r in rows] and list(line.get_ydata()) == [r[metric] for r in rows]
     assert "trials M" == figure.axes[0].get_xlabel() and "leak-free" in figure._suptitle.get_text()
+
+
+def _chance_lines(ax) -> list:
+    return [line for line in ax.get_lines() if line.get_label().startswith("chance")]
+
+
+def test_sweep_outputs_say_what_made_them(tiny_features, tmp_path):
+    """Tables and plot carry the encoder, the test features and their manifest hash, the
+    split's size, the protocol and the selection; the R@1 axis draws the chance level."""
+    from tmass.features.format import load_split, manifest_sha256
+
+    cfg = SweepConfig(seeds=(0,), epochs=1, lr=1e-3, with_reference=True)
+    rows = run_sweeps(["trials"], tiny_features, tmp_path, cfg)["trials"]
+    test = load_split(tiny_features / "test")
+    n_text, n_video = len(test.text_ids), len(test.video_ids)
+    selection = json.loads(next((tmp_path / "runs").glob("*/seed0/metrics.json")).read_text())["selection"]
+    table = (tmp_path / "trials.md").read_text()
+    for fact in (test.meta.encoder_label(), str(tiny_features / "test"), manifest_sha256(tiny_features / "test")[:12],
+                 f"{n_text} captions x {n_video} videos", f"chance t2v R@1 = {100 / n_video:.1f} %",
+                 "protocol: leak-free", selection, "(AUDIT, leaks)"):
+        assert fact in table, fact
+    with open(tmp_path / "trials.csv") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert {r["encoder"] for r in csv_rows} == {test.meta.encoder_label()} and {r["protocol"] for r in csv_rows} == {"leak-free"}
+    assert {(r["n_text"], r["n_video"], r["selection"]) for r in csv_rows} == {(str(n_text), str(n_video), selection)}
+    assert "R1_reference_AUDIT_leaks" in csv_rows[0]
+    figure = sweep_figure(SWEEPS["trials"], rows, n_video, "encoder: demo")
+    (chance,) = _chance_lines(figure.axes[0])
+    assert list(chance.get_ydata()) == [100 / n_video] * 2 and not _chance_lines(figure.axes[1])
+    assert "encoder: demo" in figure._suptitle.get_text()
 
 
 def test_a_sweep_trains_on_a_dask_cluster_and_resumes_there(tiny_features, tmp_path):
@@ -113,6 +144,44 @@ def test_report_compares_evaluated_runs(tiny_features, tmp_path):
     r1 = json.loads((runs[1] / "eval.json").read_text())["t2v"]["R1"]
     assert f"| {r1:.1f} |" in table
     assert all((run / "training-curves.png").exists() for run in runs)
+    assert table.count("## Table") == 1, "runs on the same features share one table"
+
+    val = [json.loads(line) for line in (runs[1] / "log.jsonl").read_text().splitlines() if '"val"' in line][-1]
+    curves = training_curves_figure(runs[1])
+    (chance,) = _chance_lines(curves.axes[1])
+    assert list(chance.get_ydata()) == [100 / val["videos"]] * 2, "chance of the validation split, not the test split"
+    assert not _chance_lines(training_curves_figure(runs[0]).axes[1]), "a run that never validated has no R@1 curve"
+
+
+def test_report_puts_runs_on_other_features_in_their_own_table(tiny_features, tmp_path):
+    """Two test splits (same dataset and encoder, other features): two tables, each
+    with its own header, and the CSV names each row's table, dataset, encoder and split."""
+    from tmass.features.simulate import simulate
+
+    other = tmp_path / "other"
+    simulate("tiny", other, seed=1, progress=False)
+    runner = CliRunner()
+    runs = []
+    for name, features in (("a", tiny_features), ("b", other), ("c", tiny_features)):
+        runs.append(tmp_path / name)
+        result = runner.invoke(main, ["train", "--features", str(features), "--head", "meanp", "--epochs", "0",
+                                      "--no-final-eval", "--no-progress", "--out", str(runs[-1])])
+        assert result.exit_code == 0 and "encoder: " in result.output, result.output
+        result = runner.invoke(main, ["eval", "--features", str(features), "--checkpoint", str(runs[-1] / "best.pt"),
+                                      "--json", str(runs[-1] / "eval.json")])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["report", *map(str, runs), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert "2 tables" in result.output
+    tables = (tmp_path / "report" / "comparison.md").read_text().split("## Table ")[1:]
+    assert len(tables) == 2
+    assert str(tiny_features / "test") in tables[0].splitlines()[0] and str(other / "test") in tables[1].splitlines()[0]
+    assert [line.split(" | ")[0] for line in tables[0].splitlines() if line.startswith(f"| {tmp_path}")] == \
+        [f"| {runs[0]}", f"| {runs[2]}"], "runs on the same features together, in the order given"
+    with open(tmp_path / "report" / "comparison.csv") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert [(r["run"], r["table"]) for r in csv_rows] == [(str(runs[0]), "1"), (str(runs[2]), "1"), (str(runs[1]), "2")]
+    assert all(r["encoder"] and r["dataset"] for r in csv_rows)
 
 
 def test_similarity_analysis_reads_the_margins():
@@ -143,6 +212,27 @@ def test_gallery_shows_one_caption_per_video():
     chosen = gallery_queries(text_to_video, 5)
     assert len(set(text_to_video[chosen])) == 5 and text_to_video[chosen][[0, -1]].tolist() == [0, 11]
     assert len(gallery_queries(text_to_video[:8], 5)) == 2, "never more rows than videos"
+
+
+def test_gallery_marks_the_captioned_video():
+    """Exactly the strips of each query's own video are framed in the hit colour and
+    ticked; a query whose video is not in its top 5 has no mark."""
+    from matplotlib.colors import to_rgba
+
+    text_to_video = np.arange(6)  # [n_text]: one caption per video
+    scores = np.zeros((6, 6), dtype=np.float32)  # [n_text, n_video]
+    scores[np.arange(6), (np.arange(6) + 1) % 6] = 3.0  # every query's top video is the next one
+    scores[np.arange(6), np.arange(6)] = 2.0  # its own video second ...
+    scores[5, 5] = -1.0  # ... except query 5's, ranked last (6th), off the top 5
+    figure = gallery_figure(scores, [f"caption {i}" for i in range(6)], text_to_video,
+                            lambda v, n: np.zeros((n, 4, 4, 3), dtype=np.uint8), queries=6, top=5)
+    rows = gallery_queries(text_to_video, 6)
+    axes = np.array(figure.axes).reshape(len(rows), 5)
+    marked = {(row, k) for row in range(len(rows)) for k in range(5)
+              if axes[row, k].spines["top"].get_edgecolor() == to_rgba(CORRECT_COLOUR)}
+    ticked = {(row, k) for row in range(len(rows)) for k in range(5) if axes[row, k].get_title().endswith("✓")}
+    expected = {(row, 1) for row, q in enumerate(rows) if q != 5}
+    assert marked == ticked == expected
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")

@@ -10,23 +10,40 @@ from pathlib import Path
 import click
 
 
-def _split_lines(evals: list[dict]) -> list[str]:
-    """What each evaluated split is: its size, chance level and encoder. A random-init
-    encoder is said in capitals, since its numbers measure the pipeline, not the method."""
+def _features_of(data: dict) -> dict:
+    """What an eval.json was measured on, from its split's manifest: ``dataset``,
+    ``encoder`` (label), ``random_init``, and ``key``, the (dataset, encoder, test
+    split) that runs compared in one table share; the split is its manifest hash, so
+    the same features at two paths compare and re-extracted ones at one path do not.
+    An unreadable manifest is said in ``problem``, not fatal."""
     from tmass.features.format import FeatureFormatError, open_split
 
+    split = data.get("features_manifest_sha256") or data["split"]
+    try:
+        meta = open_split(Path(data["split"]), verify_checksums=False).meta
+    except FeatureFormatError as exc:
+        facts = {"dataset": "unknown", "encoder": data.get("encoder", "unknown"), "random_init": False,
+                 "problem": exc.problems[0]}
+    else:
+        facts = {"dataset": meta.dataset, "encoder": meta.encoder_label(), "random_init": meta.random_init,
+                 "pretrained": meta.pretrained}
+    return {**facts, "key": (facts["dataset"], facts["encoder"], split)}
+
+
+def _split_lines(evals: list[dict], facts: dict) -> list[str]:
+    """What the evaluated split of one table is: its size, chance level and encoder. A
+    random-init encoder is said in capitals, since its numbers measure the pipeline, not
+    the method."""
     lines = []
     for split in dict.fromkeys(e["split"] for e in evals):
         e = next(e for e in evals if e["split"] == split)
         line = (f"Split: {split} ({e['n_text']} captions x {e['n_video']} videos; "
                 f"chance t2v R@1 = {100 / e['n_video']:.1f} %)")
-        try:
-            meta = open_split(Path(split), verify_checksums=False).meta
-        except FeatureFormatError as exc:
-            lines.append(f"{line}; encoder unknown ({exc.problems[0]})")
+        if "problem" in facts:
+            lines.append(f"{line}; encoder unknown ({facts['problem']})")
             continue
-        line += f"; encoder: {meta.encoder_label()} (--pretrained {meta.pretrained})"
-        if meta.random_init:
+        line += f"; encoder: {facts['encoder']} (--pretrained {facts['pretrained']})"
+        if facts["random_init"]:
             line += (" -- RANDOM-INIT ENCODER: the features carry no pretrained knowledge, so these numbers "
                      "test the pipeline, not the method")
         lines.append(line)
@@ -49,10 +66,16 @@ def _chosen(run: Path, data: dict) -> str:
               help="File name, inside each run, of the `tmass eval --json` output to compare.")
 @click.option("--gallery-dataset", help="Dataset adapter whose videos the last run's scores refer to (e.g. demo).")
 @click.option("--gallery-data-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Its --data-root; with the last run's sims.npy (`tmass eval --save-sims`) draws a retrieval gallery.")
+              help="Its --data-root; with the last run's sims.npy (`tmass eval --save-sims`) draws a retrieval gallery "
+                   "(the captioned video framed green, its title ticked).")
 def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
     """Compare evaluated runs: print a table, write it, draw each run's training curves
-    and, for the last run, a retrieval gallery."""
+    and, for the last run, a retrieval gallery.
+
+    Numbers are compared only on the same test features: runs measured on different
+    datasets, encoders or test splits (the features' manifest hash) go into separate
+    tables, each under its own header (dataset, split, size, chance level, encoder);
+    comparison.csv names each row's dataset, encoder and split."""
     import csv
 
     import numpy as np
@@ -79,19 +102,35 @@ def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
                      **{f"v2t_{k}": data["v2t"][k] for k in ("R1", "R5", "R10", "MdR", "MnR")}})
         if (run / "log.jsonl").is_file():
             click.echo(f"figure {plot_training_curves(run)}")
-    lines = ["| run | head | trials | t2v R@1 | R@5 | R@10 | MdR | MnR | v2t R@1 | R@5 | R@10 | checkpoint chosen |",
-             "|---" * 12 + "|"]
-    for r in rows:
-        lines.append(f"| {r['run']} | {r['head']} | {r['trials']} | {r['t2v_R1']:.1f} | {r['t2v_R5']:.1f} | {r['t2v_R10']:.1f} "
-                     f"| {r['t2v_MdR']:g} | {r['t2v_MnR']:.1f} | {r['v2t_R1']:.1f} | {r['v2t_R5']:.1f} | {r['v2t_R10']:.1f} "
-                     f"| {r['selection']} |")
-    protocols = sorted({r["protocol"] for r in rows})
-    table = "\n".join([f"Protocol: {', '.join(protocols)}", *_split_lines(evals), "", *lines])
+    facts = [_features_of(data) for data in evals]
+    groups = {}  # (dataset, encoder, test split) -> row indices, in the order given
+    for i, f in enumerate(facts):
+        groups.setdefault(f["key"], []).append(i)
+    sections = []
+    for number, members in enumerate(groups.values(), 1):
+        f = facts[members[0]]
+        lines = [f"## Table {number} of {len(groups)}: {f['dataset']}, {evals[members[0]]['split']}",
+                 f"Protocol: {', '.join(sorted({rows[i]['protocol'] for i in members}))}",
+                 *_split_lines([evals[i] for i in members], f), "",
+                 "| run | head | trials | t2v R@1 | R@5 | R@10 | MdR | MnR | v2t R@1 | R@5 | R@10 | checkpoint chosen |",
+                 "|---" * 12 + "|"]
+        for r in (rows[i] for i in members):
+            audit = "" if r["protocol"] == "leak-free" else f" [{r['protocol']}]"  # an audit row says it leaks
+            lines.append(f"| {r['run']} | {r['head']}{audit} | {r['trials']} | {r['t2v_R1']:.1f} | {r['t2v_R5']:.1f} | {r['t2v_R10']:.1f} "
+                         f"| {r['t2v_MdR']:g} | {r['t2v_MnR']:.1f} | {r['v2t_R1']:.1f} | {r['v2t_R5']:.1f} | {r['v2t_R10']:.1f} "
+                         f"| {r['selection']} |")
+        sections.append("\n".join(lines))
+    table = "\n\n".join(sections)
+    if len(groups) > 1:
+        click.echo(f"{len(groups)} tables: these runs were measured on different datasets, encoders or test splits")
     (out / "comparison.md").write_text(table + "\n")
+    ordered = [i for members in groups.values() for i in members]
     with open(out / "comparison.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=["table", "dataset", "encoder", "split", *rows[0]])
         writer.writeheader()
-        writer.writerows(rows)
+        number = {i: n for n, members in enumerate(groups.values(), 1) for i in members}
+        writer.writerows({"table": number[i], "dataset": facts[i]["dataset"], "encoder": facts[i]["encoder"],
+                          "split": evals[i]["split"], **rows[i]} for i in ordered)
     click.echo(table)
     if gallery_dataset and gallery_data_root:
         from tmass.extract.datasets import load_split as load_annotations

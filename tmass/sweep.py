@@ -19,8 +19,11 @@ a sweep can be interrupted and restarted, and sweeps can be added one at a time.
 
 Every number is from the leak-free evaluator on the features' test split, with
 checkpoints selected on a validation hold-out of the train split. ``with_reference``
-adds the audit protocol's R@1 beside it, labelled. Outputs per sweep: ``<sweep>.md``
-and ``<sweep>.csv`` (mean ± std over seeds) and ``<sweep>.png``.
+adds the audit protocol's R@1 beside it, labelled as leaking. Outputs per sweep:
+``<sweep>.md`` and ``<sweep>.csv`` (mean ± std over seeds) and ``<sweep>.png``, each
+saying what made the numbers (:func:`provenance`): the encoder, the test features and
+their manifest hash, the split's size and chance level, the protocol and how the
+checkpoints were selected.
 """
 
 from __future__ import annotations
@@ -279,6 +282,31 @@ def _evaluate_run(run_dir: Path, features: Path, trials: int, protocol: str, dev
     return report
 
 
+PROTOCOL = "leak-free"  # of every sweep number; the audit column says it leaks
+AUDIT_COLUMN = "R1_reference_AUDIT_leaks"
+
+
+def provenance(features: Path, run_dirs: list[Path]) -> dict:
+    """What made a sweep's numbers, for its tables and plot: the encoder, the test split
+    (path, manifest SHA-256 prefix, captions x videos), the protocol, and the checkpoint
+    selection of ``run_dirs`` (each run's metrics.json; runs that disagree are all named)."""
+    from tmass.features.format import manifest_sha256, open_split
+
+    test = open_split(Path(features) / "test", verify_checksums=False)
+    selections = dict.fromkeys(json.loads((Path(d) / "metrics.json").read_text())["selection"] for d in run_dirs)
+    return {"encoder": test.meta.encoder_label(), "features": str(test.path),
+            "manifest_sha256": manifest_sha256(test.path)[:12], "n_text": len(test.text_ids),
+            "n_video": len(test.video_ids), "protocol": PROTOCOL, "selection": "; ".join(selections)}
+
+
+def provenance_lines(prov: dict) -> list[str]:
+    """:func:`provenance` in words, one fact per line (tables, plot titles)."""
+    return [f"encoder: {prov['encoder']}",
+            f"test features: {prov['features']} (manifest sha256 {prov['manifest_sha256']}), "
+            f"{prov['n_text']} captions x {prov['n_video']} videos, chance t2v R@1 = {100 / prov['n_video']:.1f} %",
+            f"protocol: {prov['protocol']}; checkpoints: {prov['selection']}"]
+
+
 def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) -> dict[str, list[dict]]:
     """Train what is missing, evaluate, write tables and plots; returns the rows per sweep."""
     from tqdm import tqdm
@@ -324,7 +352,7 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
     for sweep in sweeps:
         rows = []
         for variant in sweep.variants:
-            reports = [_evaluate_run(run_dir(variant, s), features_for(variant), variant.trials, "leak-free", cfg.device)
+            reports = [_evaluate_run(run_dir(variant, s), features_for(variant), variant.trials, PROTOCOL, cfg.device)
                        for s in cfg.seeds]
             row = {"variant": variant.name, "x": variant.x, "seeds": len(cfg.seeds)}
             for metric in METRICS:
@@ -335,34 +363,39 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
                 try:
                     audit = [_evaluate_run(run_dir(variant, s), features_for(variant), variant.trials, "reference",
                                            cfg.device) for s in cfg.seeds]
-                    row["R1_reference_audit"] = float(np.mean([r["t2v"]["R1"] for r in audit]))
+                    row[AUDIT_COLUMN] = float(np.mean([r["t2v"]["R1"] for r in audit]))
                 except ValueError:  # the audit reproduces X-Pool-style pooling; other heads have none to audit
-                    row["R1_reference_audit"] = float("nan")
+                    row[AUDIT_COLUMN] = float("nan")
             rows.append(row)
-        _write_tables(sweep, rows, out, cfg)
+        prov = provenance(features, [run_dir(v, s) for v in sweep.variants for s in cfg.seeds])
+        _write_tables(sweep, rows, out, cfg, prov)
         from tmass.evaluate.figures import plot_sweep
 
-        plot_sweep(sweep, rows, out / f"{sweep.name}.png")
+        plot_sweep(sweep, rows, out / f"{sweep.name}.png", prov["n_video"], "\n".join(provenance_lines(prov)))
         results[sweep.name] = rows
     return results
 
 
-def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig) -> None:
+def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig, prov: dict) -> None:
+    """``<sweep>.csv`` (each row carries the provenance columns) and ``<sweep>.md``."""
     columns = ["variant", *[c for m in METRICS for c in (m, f"{m}_std")], "seeds"]
     if cfg.with_reference:
-        columns.append("R1_reference_audit")
+        columns.append(AUDIT_COLUMN)
+    columns += list(prov)
     with open(out / f"{sweep.name}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, **prov} for row in rows)
     header = "| variant | " + " | ".join(("R@1", "R@5", "R@10", "MdR", "MnR")) + " |"
     if cfg.with_reference:
         header += " R@1 reference protocol (AUDIT, leaks) |"
     lines = [
         f"## {sweep.title}",
         "",
-        f"Text-to-video on the test split, leak-free protocol, mean ± std over seeds {list(cfg.seeds)}; "
-        f"{cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}; best.pt selected on a validation hold-out.",
+        f"Text-to-video on the test split, {PROTOCOL} protocol, mean ± std over seeds {list(cfg.seeds)}; "
+        f"{cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}.",
+        "",
+        *(f"- {line}" for line in provenance_lines(prov)),
         "",
         header,
         "|" + "---|" * (header.count("|") - 1),
@@ -370,7 +403,7 @@ def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig) -
     for row in rows:
         cells = [f"{row[m]:.1f} ± {row[m + '_std']:.1f}" for m in METRICS]
         if cfg.with_reference:
-            cells.append(f"{row['R1_reference_audit']:.1f}")
+            cells.append(f"{row[AUDIT_COLUMN]:.1f}")
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     (out / f"{sweep.name}.md").write_text("\n".join(lines) + "\n")
 

@@ -517,7 +517,8 @@ def train(
             metrics = _evaluate(evaluate, trainer.head, val_arrays, cfg.val_trials, cfg.seed, device)
             best = run["best"] is None or _r1(metrics) > run["best"]["R1"]
             log.record({"event": "val", "step": trainer.step_count, "epoch": trainer.step_count / trainer.steps_per_epoch,
-                        "split": val_split, "selection": cfg.selection, "best": best, **metrics})
+                        "split": val_split, "captions": len(val_arrays.text_ids), "videos": len(val_arrays.video_ids),
+                        "selection": cfg.selection, "best": best, **metrics})
             log.say(f"step {trainer.step_count}: {val_split} t2v R@1 {_r1(metrics):.2f}" + (" (best)" if best else ""))
             if best:
                 run["best"] = {"R1": _r1(metrics), "step": trainer.step_count, "split": val_split, "metrics": metrics,
