@@ -60,7 +60,7 @@ from tqdm import tqdm
 from tmass.evaluate.metrics import caption_slots, dual_softmax, reference_dual_softmax, retrieval_metrics
 from tmass.evaluate.sampling import NOISE_MODES, KernelInputs, id_keys, keyed_noise, pool_and_score
 from tmass.features.format import SplitArrays
-from tmass.train.folded import fold_frames, pool_folded
+from tmass.train.folded import FoldedFrames, fold_frames, fold_values, pool_folded
 from tmass.train.heads import RetrievalHead, TextFeatures, VideoFeatures, XPoolFusion, frame_similarity, sample_scores
 from tmass.train.heads.base import split_features
 from tmass.train.registry import head_spec
@@ -127,8 +127,11 @@ class FoldedXPool:
         # strided GEMM per head, with no copy of the keys
         normed = fusion.norm_in(frames)
         self.keys = fusion.k_proj(normed).view(n_video, n_frames, heads, head_dim).permute(2, 0, 1, 3).contiguous()
-        folded = self.folded = fold_frames(fusion, frames)
-        self.u, self.z = folded.u, folded.z
+        self._set_folded(fold_frames(fusion, frames))
+
+    def _set_folded(self, folded: FoldedFrames) -> None:
+        fusion = self.fusion
+        self.folded, self.u, self.z = folded, folded.u, folded.z
         self.consts = torch.stack((
             folded.bias, folded.lin_bias, folded.lin_shift,
             fusion.norm_attn.weight, fusion.norm_attn.bias, fusion.norm_out.weight, fusion.norm_out.bias,
@@ -153,6 +156,54 @@ class FoldedXPool:
             logits = logits.masked_fill(~frame_mask, float("-inf"))
         weights = logits.softmax(dim=-1).permute(1, 2, 0, 3).flatten(2)  # [n_text, n_vc, heads*n_frames]
         return pool_folded(self.fusion, weights, self.folded[videos])
+
+    def kernel_mask(self, frames: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+        """The kernel's frame mask of a gallery chunk: frames ``[n_vc, n_frames, dim]`` ->
+        ``[n_vc, n_frames]`` bool."""
+        return frame_mask if frame_mask is not None else torch.ones(frames.shape[:2], dtype=torch.bool)
+
+
+class OneTextXPool(FoldedXPool):
+    """X-Pool for one text against a few videos (a search's K candidates), folded per
+    (text, video) pair instead of per frame.
+
+    :class:`FoldedXPool` projects every frame of the gallery (keys, values, out_proj,
+    linear_proj): the right trade for many texts, but with one text it is n_frames times
+    the work of projecting once per pair, and it dominated a search query. Here the key
+    projection is folded into the query, q . (W_k LN(f) + b_k) = (W_k^T q) . LN(f) + q . b_k
+    (q . b_k is the same for every frame, so the softmax over frames drops it), so frames
+    are only LayerNormed; and the value projection commutes with the
+    attention-weighted sum over frames (the weights sum to 1), so each video's weighted
+    mean of LN(f) is projected once per head. Each video then folds
+    (:func:`tmass.train.folded.fold_values`) as one "frame" per head whose softmax
+    weight is 1, and the scorers finish as for a gallery. Every value is a function of
+    the text and that one video, so scores stay chunk- and gallery-independent."""
+
+    def __init__(self, fusion: XPoolFusion, text: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor | None):
+        """text ``[1, dim]``, frames ``[n_video, n_frames, dim]``, frame_mask ``[n_video, n_frames]``."""
+        self.fusion = fusion
+        heads, head_dim, dim = fusion.num_heads, fusion.head_dim, frames.shape[2]
+        normed = fusion.norm_in(frames)  # [n_video, n_frames, dim]
+        q = fusion.q_proj(fusion.norm_in(text)).view(heads, head_dim)
+        query_keys = torch.einsum("hc,hcd->dh", q, fusion.k_proj.weight.view(heads, head_dim, dim))  # [dim, heads]
+        logits = normed @ query_keys / head_dim**0.5
+        if frame_mask is not None:  # logits [n_video, n_frames, heads]
+            logits = logits.masked_fill(~frame_mask[..., None], float("-inf"))
+        mixed = torch.einsum("vfh,vfd->vhd", logits.softmax(dim=1), normed)  # [n_video, heads, dim]
+        values = torch.einsum("vhd,hcd->vhc", mixed, fusion.v_proj.weight.view(heads, head_dim, dim))
+        self._set_folded(fold_values(fusion, (values + fusion.v_proj.bias.view(heads, head_dim))[:, None]))
+
+    def logits(self, text: torch.Tensor, videos: slice) -> torch.Tensor:
+        """Zeros ``[heads, 1, n_video_chunk]``: the attention is inside ``u`` and ``z``."""
+        return torch.zeros(self.fusion.num_heads, len(text), len(self.u[videos]))
+
+    def pool(self, text: torch.Tensor, videos: slice, frame_mask: torch.Tensor | None) -> torch.Tensor:
+        """p(v|t) ``[1, n_vc, dim]`` (frame_mask is already in ``u`` and ``z``)."""
+        folded = self.folded[videos]
+        return pool_folded(self.fusion, torch.ones(len(text), len(folded.u), self.fusion.num_heads), folded)
+
+    def kernel_mask(self, frames: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+        return torch.ones((len(frames), 1), dtype=torch.bool)
 
 
 VIDEOS_PER_CHUNK = 256  # tiles of many texts x some videos keep the logits GEMM well-shaped
@@ -269,7 +320,10 @@ def score_features(
     # or torch (torch anywhere, fast off the CPU); other heads score themselves
     folded_path = config.path != "naive" and "folded-xpool" in head_spec(head.cfg.head).fast_paths
     kernel = folded_path and config.path == "fast" and device.type == "cpu"
-    folded = FoldedXPool(head.pooling, frames) if folded_path else None
+    folded = None
+    if folded_path:  # one text (a search query): fold per pair, else per frame of the gallery
+        one_text = n_text == 1 and own_pooled is None
+        folded = OneTextXPool(head.pooling, text, frames, frame_mask) if one_text else FoldedXPool(head.pooling, frames)
 
     # S(t, v) in the fused paths: unit frames once per gallery, one GEMM per chunk
     unit_frames = F.normalize(frames, dim=-1) if sampling and folded is not None else None
@@ -297,7 +351,7 @@ def score_features(
         if kernel:
             inputs = KernelInputs(
                 text=t.numpy(), logits=folded.logits(t, vs).numpy(),
-                frame_mask=(m if m is not None else torch.ones(f.shape[:2], dtype=torch.bool)).numpy(),
+                frame_mask=folded.kernel_mask(f, m).numpy(),
                 u=folded.u[vs].numpy(), z=folded.z[vs].numpy(), consts=folded.consts.numpy(),
                 eps_attn=head.pooling.norm_attn.eps, eps_out=head.pooling.norm_out.eps,
                 text_keys=text_keys[ts], video_keys=video_keys[vs],

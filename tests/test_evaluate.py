@@ -142,6 +142,28 @@ def test_fast_and_torch_paths_equal_naive_reference(kw, protocol, device):
             np.testing.assert_allclose(fused, naive, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kw", HEADS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_one_text_at_a_time_gives_its_row_of_the_naive_reference(kw):
+    """A single text (a search query) is folded per pair, not per frame
+    (``OneTextXPool``): its scores are still the naive reference's row, against the
+    whole gallery or any part of it."""
+    head = _perturbed_head(**kw)
+    data = _data(3, 11)
+    text, text_ids, video, mask, video_ids = data
+    part = [8, 2, 5]  # the clip two frames short among them
+    for trials in (0, 5):
+        for noise in ("fresh", "shared"):
+            naive = _scores(head, data, path="naive", trials=trials, noise=noise)
+            for path in ("fast", "torch"):
+                config = EvalConfig(progress=False, path=path, device="cpu", trials=trials, noise=noise, chunk_pairs=4)
+                for i in range(len(text)):
+                    one = score_matrix(head, text[i:i + 1], text_ids[i:i + 1], video, mask, video_ids, config)
+                    np.testing.assert_allclose(one[0], naive[i], atol=2e-6, rtol=0)
+                    some = score_matrix(head, text[i:i + 1], text_ids[i:i + 1], video[part], mask[part],
+                                        [video_ids[v] for v in part], config)
+                    np.testing.assert_allclose(some[0], naive[i, part], atol=2e-6, rtol=0)
+
+
 def test_torch_chunks_are_sized_from_the_memory_budget():
     """Chunks hold as many pairs as memory_gb allows (eps included), capped by chunk_pairs;
     the chunking never changes a score."""

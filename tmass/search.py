@@ -10,7 +10,9 @@ An index directory (``tmass index``) holds::
     first-stage.faiss   pooled video embeddings [n_video, dim], unit rows, in faiss
     frames.npy          [n_video, n_frames, dim] float32 (the stored float16 values,
                         upcast once: converting a shortlist per query cost more than
-                        the rest of the search), with frame_mask.npy [n_video, n_frames]:
+                        the rest of the search), with frame_mask.npy [n_video, n_frames]
+                        and frame_norms.npy [n_video, n_frames] float32 (their L2 norms,
+                        which best-frame narrowing needs for every shortlisted frame):
                         only with a head, which re-ranks on frames
     head.pt             a copy of the checkpoint (so the index outlives the run)
     model/<name>.json   the open_clip model config, when open_clip does not ship it
@@ -50,6 +52,7 @@ encoder: they are searched with the captions of a features split (``--query-feat
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -64,12 +67,13 @@ import numpy as np
 from tmass import __version__
 from tmass.features.format import FeatureMeta, SplitArrays, load_split, sha256_file
 
-INDEX_FORMAT = "1"
+INDEX_FORMAT = "2"  # 2: frame_norms.npy
 INDEX_FILE = "index.json"
 IDS_FILE = "video_ids.json"
 FAISS_FILE = "first-stage.faiss"
 FRAMES_FILE = "frames.npy"
 MASK_FILE = "frame_mask.npy"
+NORMS_FILE = "frame_norms.npy"
 HEAD_FILE = "head.pt"
 MODEL_DIR = "model"
 EXACT_LIMIT = 1_000_000  # exact first stage up to here; an inverted file beyond
@@ -149,6 +153,15 @@ def pool_frames(frames: np.ndarray, frame_mask: np.ndarray, chunk: int = 8192) -
         mask = frame_mask[start:start + chunk, :, None]
         out[start:start + chunk] = (block * mask).sum(1) / np.maximum(mask.sum(1), 1)
     return _unit(out)
+
+
+def frame_norms(frames: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """L2 norms of frames ``[n_video, n_frames, dim]`` -> ``[n_video, n_frames]`` float32."""
+    out = np.empty(frames.shape[:2], np.float32)
+    for start in range(0, len(frames), chunk):
+        block = np.asarray(frames[start:start + chunk], np.float32)
+        out[start:start + chunk] = np.sqrt(np.einsum("vfd,vfd->vf", block, block))
+    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -333,6 +346,7 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
     if head is not None:
         np.save(out / FRAMES_FILE, arrays.frames.astype(np.float32))
         np.save(out / MASK_FILE, arrays.frame_mask)
+        np.save(out / NORMS_FILE, frame_norms(arrays.frames))
         shutil.copyfile(checkpoint, out / HEAD_FILE)
     if model_cfg is not None:
         (out / MODEL_DIR).mkdir(exist_ok=True)
@@ -365,13 +379,37 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
 # ----------------------------------------------------------------------------- searching
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """faiss, torch and numba on one thread while queries run. A query's operations are
+    small (a scan of the first stage, then products over K videos): on the shared
+    2-core machine a second OpenMP or numba thread that must be waited for at every
+    operation made each one 20 to 50 ms instead of under 1 ms (measured under load 13)."""
+    import faiss
+    import numba
+    import torch
+
+    saved = faiss.omp_get_max_threads(), torch.get_num_threads(), numba.get_num_threads()
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(saved[0])
+        torch.set_num_threads(saved[1])
+        numba.set_num_threads(saved[2])
+
+
 class SearchIndex:
-    """An index in memory: first stage, ids and (with a head) frames, memory-mapped."""
+    """An index in memory: first stage, ids and (with a head) frames, memory-mapped, with
+    their masks and norms (computed here when not given)."""
 
     def __init__(self, info: dict, video_ids: list[str], first_stage, frames=None, frame_mask=None, head=None,
-                 path: Path | None = None):
+                 path: Path | None = None, norms=None):
         self.info, self.video_ids, self.first_stage = info, video_ids, first_stage
         self.frames, self.frame_mask, self.head, self.path = frames, frame_mask, head, path
+        self.frame_norms = frame_norms(frames) if norms is None and frames is not None else norms
         self._encoder = None
 
     @classmethod
@@ -384,15 +422,16 @@ class SearchIndex:
         info = json.loads((path / INDEX_FILE).read_text())
         if info.get("format") != INDEX_FORMAT:
             raise SearchError(f"{path}: index format {info.get('format')}, this software reads {INDEX_FORMAT}: rebuild it")
-        head = frames = mask = None
+        head = frames = mask = norms = None
         if info["head"]:
             from tmass.train.trainer import load_checkpoint
 
             head, _ = load_checkpoint(path / HEAD_FILE, "cpu")
             frames = np.load(path / FRAMES_FILE, mmap_mode="r")
             mask = np.load(path / MASK_FILE, mmap_mode="r")
+            norms = np.load(path / NORMS_FILE, mmap_mode="r")
         first = faiss.read_index(str(path / FAISS_FILE))
-        return cls(info, json.loads((path / IDS_FILE).read_text()), first, frames, mask, head, path)
+        return cls(info, json.loads((path / IDS_FILE).read_text()), first, frames, mask, head, path, norms)
 
     def describe(self) -> str:
         """One line saying what made every score this index gives."""
@@ -472,16 +511,8 @@ class SearchIndex:
 
     def first_candidates(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """A unit query ``[dim]`` -> first-stage (cosines, rows), each ``[<= k]``, best first
-        (an approximate index may find fewer than k). One faiss thread: a single query is
-        a memory-bound scan, and OpenMP threads that spin on shared cores cost 3x."""
-        import faiss
-
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            cosines, rows = self.first_stage.search(np.ascontiguousarray(query[None], np.float32), k)
-        finally:
-            faiss.omp_set_num_threads(threads)
+        (an approximate index may find fewer than k)."""
+        cosines, rows = self.first_stage.search(np.ascontiguousarray(query[None], np.float32), k)
         keep = rows[0] >= 0
         return cosines[0][keep], rows[0][keep]
 
@@ -491,8 +522,7 @@ class SearchIndex:
         frames = np.asarray(self.frames[rows], np.float32)  # [n_rows, n_frames, dim]
         mask = np.asarray(self.frame_mask[rows])
         if len(rows) > k:
-            norms = np.sqrt(np.einsum("vfd,vfd->vf", frames, frames))
-            sims = frames @ query / np.maximum(norms, 1e-12)  # [n_rows, n_frames]
+            sims = frames @ query / np.maximum(self.frame_norms[rows], 1e-12)  # [n_rows, n_frames]
             best = np.where(mask, sims, -np.inf).max(axis=1)
             keep = np.sort(np.argsort(-best, kind="stable")[:k])
             rows, frames, mask = rows[keep], frames[keep], mask[keep]
@@ -503,33 +533,35 @@ class SearchIndex:
         """queries ``[n_query, dim]`` (raw embeddings) -> one :class:`Ranking` each. The head
         scores each query's K candidates, sorted by row so that ties break as in an
         exhaustive pass; ``use_head=False`` ranks by the first stage (video queries)."""
+        head = self.head if use_head else None
+        n = len(self.video_ids)
+        k = min(n, config.candidates if head is not None else config.top)
+        depth = max(k, min(n, config.shortlist)) if head is not None else k
+        with _one_thread():
+            return [self._rank_one(queries[q], query_ids[q], labels[q], head, k, depth, config) for q in range(len(queries))]
+
+    def _rank_one(self, raw: np.ndarray, query_id: str, label: str, head, k: int, depth: int,
+                  config: SearchConfig) -> Ranking:
+        """One query ``[dim]``: first stage to ``depth``, best frames to ``k``, the head."""
         import torch
 
         from tmass.evaluate.scores import score_matrix
 
-        head = self.head if use_head else None
-        scoring = config.eval_config()
-        n = len(self.video_ids)
-        k = min(n, config.candidates if head is not None else config.top)
-        depth = max(k, min(n, config.shortlist)) if head is not None else k
-        rankings = []
-        for q in range(len(queries)):
-            start = time.perf_counter()
-            query = _unit(queries[q])
-            scores, rows = self.first_candidates(query, depth)
-            first = time.perf_counter() - start
-            narrow = 0.0
-            if head is not None:
-                rows, frames, mask = self.best_frame(query, np.sort(rows), k)
-                narrow = time.perf_counter() - start - first
-                scores = score_matrix(head, torch.from_numpy(np.asarray(queries[q:q + 1], np.float32)), [query_ids[q]],
-                                      torch.from_numpy(frames), torch.from_numpy(mask), [self.video_ids[r] for r in rows],
-                                      scoring)[0]
-            order = np.argsort(-scores, kind="stable")[:config.top]
-            total = time.perf_counter() - start
-            rankings.append(Ranking(labels[q], query_ids[q], rows[order], scores[order],
-                                    {"first_stage": first, "narrow": narrow, "head": total - first - narrow, "total": total}))
-        return rankings
+        start = time.perf_counter()
+        query = _unit(raw)
+        scores, rows = self.first_candidates(query, depth)
+        first = time.perf_counter() - start
+        narrow = 0.0
+        if head is not None:
+            rows, frames, mask = self.best_frame(query, np.sort(rows), k)
+            narrow = time.perf_counter() - start - first
+            scores = score_matrix(head, torch.from_numpy(np.asarray(raw, np.float32)[None]), [query_id],
+                                  torch.from_numpy(frames), torch.from_numpy(mask), [self.video_ids[r] for r in rows],
+                                  config.eval_config())[0]
+        order = np.argsort(-scores, kind="stable")[:config.top]
+        total = time.perf_counter() - start
+        return Ranking(label, query_id, rows[order], scores[order],
+                       {"first_stage": first, "narrow": narrow, "head": total - first - narrow, "total": total})
 
     # -- output -------------------------------------------------------------------
 

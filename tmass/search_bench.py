@@ -187,7 +187,7 @@ def _text_encoder_ms(repeats: int = 20) -> float:
 def latency(sizes: list[int], n_queries: int, ks: list[int], shortlist: int, work: Path, checkpoints: dict,
             ivf: bool) -> list[dict]:
     from tmass.features.format import load_split
-    from tmass.search import IndexConfig, SearchIndex, build_first_stage, first_stage_label
+    from tmass.search import IndexConfig, SearchIndex, build_first_stage, first_stage_label, frame_norms
     from tmass.train.trainer import load_checkpoint
     from tmass.evaluate.scores import EvalConfig
 
@@ -197,6 +197,7 @@ def latency(sizes: list[int], n_queries: int, ks: list[int], shortlist: int, wor
     masks_pool = np.concatenate([vatex.frame_mask, sim.frame_mask])
     reps = -(-FRAME_POOL // len(frames_pool))
     frames, masks = TiledFrames(np.tile(frames_pool, (reps, 1, 1))[:FRAME_POOL]), TiledFrames(np.tile(masks_pool, (reps, 1))[:FRAME_POOL])
+    norms = TiledFrames(frame_norms(frames.pool))
     queries = sim.text_embeddings[:n_queries]
     query_ids = sim.text_ids[:n_queries]
     heads = {"none": None, **{name: load_checkpoint(path, "cpu")[0] for name, path in checkpoints.items()}}
@@ -214,7 +215,7 @@ def latency(sizes: list[int], n_queries: int, ks: list[int], shortlist: int, wor
             ids = [f"v{i:07d}" for i in range(n)]
             cases = [("none", None, None)] + [(name, head, k) for name, head in heads.items() if head is not None for k in ks]
             for name, head, k in cases:
-                index = SearchIndex({}, ids, first, frames, masks, head)
+                index = SearchIndex({}, ids, first, frames, masks, head, norms=norms)
                 config = SearchConfig(10, k or 1, shortlist, EvalConfig(trials=20, progress=False))
                 index.rank(queries[:2], query_ids[:2], query_ids[:2], config)  # warm-up (numba, caches)
                 timings = [r.seconds for r in index.rank(queries, query_ids, query_ids, config)]

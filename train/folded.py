@@ -56,9 +56,17 @@ class FoldedFrames:
 
 def fold_frames(fusion: XPoolFusion, frames: torch.Tensor) -> FoldedFrames:
     """frames ``[n_video, n_frames, dim]`` -> their folded vectors (per frame, not per pair)."""
-    n_video, n_frames, dim = frames.shape
-    heads, head_dim = fusion.num_heads, fusion.head_dim
-    values = fusion.v_proj(fusion.norm_in(frames)).view(n_video, n_frames, heads, head_dim)
+    n_video, n_frames, _ = frames.shape
+    return fold_values(fusion, fusion.v_proj(fusion.norm_in(frames)).view(n_video, n_frames, fusion.num_heads, fusion.head_dim))
+
+
+def fold_values(fusion: XPoolFusion, values: torch.Tensor) -> FoldedFrames:
+    """Value vectors ``[n_video, n_frames, heads, head_dim]`` -> folded ``u, z [n_video,
+    heads*n_frames, dim]``. Frames' values for a gallery (:func:`fold_frames`), or, for
+    one text, each video's attention-weighted values (one "frame" per video whose weight
+    is 1 in every head: the evaluator's single-text path)."""
+    n_video, n_frames, heads, head_dim = values.shape
+    dim = heads * head_dim
     w_out = fusion.out_proj.weight.view(dim, heads, head_dim)
     u = torch.einsum("dhc,vfhc->vhfd", w_out, values).reshape(n_video, heads * n_frames, dim)
     u = u - u.mean(dim=-1, keepdim=True)
