@@ -105,7 +105,7 @@ def training_curves_figure(run_dir: Path):
         axes[0].legend(fontsize=8, loc="best")
     if vals:
         axes[1].plot([v["step"] for v in vals], [v["t2v"]["R1"] for v in vals], "k-o", ms=3)
-        axes[1].set_title(f"validation t2v R@1 ({vals[-1].get('split', 'val')} split)")
+        axes[1].set_title(f"validation t2v R@1 ({vals[-1].get('split', 'val')} split, {vals[-1].get('protocol', 'leak-free')})")
         if vals[-1].get("videos"):
             chance_line(axes[1], vals[-1]["videos"])
     else:
