@@ -43,6 +43,17 @@ def tiny_features(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_token_features(tmp_path_factory) -> Path:
+    """The simulated `tiny` features with word tokens and 2 x 2 patch tokens (the frames
+    and captions are those of `tiny_features`: tokens come from their own random stream)."""
+    from tmass.features.simulate import simulate
+
+    out = tmp_path_factory.mktemp("features") / "sim-tiny-tokens"
+    simulate("tiny", out, seed=0, progress=False, text_tokens=True, patch_grid=2)
+    return out
+
+
 @pytest.fixture
 def tiny_copy(tiny_features, tmp_path) -> Path:
     """A private, modifiable copy of the tiny features."""

@@ -71,7 +71,9 @@ def test_a_leaky_head_fails_check_head_and_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("name", head_names())
-def test_every_registered_head_trains_evaluates_and_reloads(name, tiny_features, tmp_path):
+def test_every_registered_head_trains_evaluates_and_reloads(name, request, tmp_path):
+    tokens = head_spec(name).features != {"frames"}  # token-level heads get the tokens they declare
+    tiny_features = request.getfixturevalue("tiny_token_features" if tokens else "tiny_features")
     run = tmp_path / name
     runner = CliRunner()
     trained = runner.invoke(main, ["train", "--features", str(tiny_features), "--head", name, "--epochs", "1",

@@ -22,23 +22,13 @@ from tmass.train.registry import head_spec
 TOKEN_HEADS = {"tc-mgc": {"head.sdr"}, "prota": {"head.acl", "head.kl"}, "visern": set()}
 
 
-@pytest.fixture(scope="module")
-def token_features(tmp_path_factory):
-    """Simulated `tiny` features with word tokens and 2 x 2 patch tokens."""
-    from tmass.features.simulate import simulate
-
-    out = tmp_path_factory.mktemp("features") / "sim-tiny-tokens"
-    simulate("tiny", out, seed=0, progress=False, text_tokens=True, patch_grid=2)
-    return out
-
-
 def _build(name, dim=32, frames=6, **fields):
     spec = head_spec(name)
     return spec.build(spec.make_config(embed_dim=dim, num_frames=frames, **fields))
 
 
-def test_validation_hold_out_keeps_token_features_aligned(token_features):
-    arrays = load_split(token_features / "train")
+def test_validation_hold_out_keeps_token_features_aligned(tiny_token_features):
+    arrays = load_split(tiny_token_features / "train")
     fit, val = split_validation(arrays, 0.25)
     for part in (fit, val):
         rows = [arrays.text_ids.index(t) for t in part.text_ids]
@@ -49,8 +39,8 @@ def test_validation_hold_out_keeps_token_features_aligned(token_features):
 
 
 @pytest.mark.parametrize("name", sorted(TOKEN_HEADS))
-def test_a_token_head_trains_on_its_tokens_with_its_own_loss_terms(token_features, name):
-    arrays = load_split(token_features / "train")
+def test_a_token_head_trains_on_its_tokens_with_its_own_loss_terms(tiny_token_features, name):
+    arrays = load_split(tiny_token_features / "train")
     data = PairData(arrays)
     batch = data.batch(torch.arange(0, 40, 5))
     assert batch.tokens.shape[:2] == batch.token_mask.shape and batch.patches.shape[:3] == (8, *arrays.frames.shape[1:2], 4)
