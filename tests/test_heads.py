@@ -140,5 +140,5 @@ def test_bad_configs_are_rejected_with_a_reason():
         HeadConfig(head="clip4clip")
     with pytest.raises(ValueError, match="radius"):
         HeadConfig(radius="quadratic")
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match="does not divide"):
         HeadConfig(embed_dim=10, num_heads=3)
