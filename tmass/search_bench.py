@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -286,7 +287,11 @@ def main(presets, scaled, recall_queries, sizes, queries, candidates, shortlist,
             ks = [int(k) for k in candidates.split(",")]
             click.echo(f"latency per query (median of {queries}; first stage, best frames of the shortlist, head on "
                        f"K candidates); CLIP ViT-B-32 text encoder alone: {report['text_encoder_ms']} ms per query")
+            load = os.getloadavg()[0]
             report["latency"] = latency(size_list, queries, ks, shortlist, work, heads, ivf)
+            report["load_average_1min"] = [round(load, 1), round(os.getloadavg()[0], 1)]  # before, after
+            click.echo(f"machine load (1-minute average) {load:.1f} before, {os.getloadavg()[0]:.1f} after "
+                       f"the latency part, on {os.cpu_count()} cores")
             click.echo(f"{'n_video':>10} {'first stage':34} {'head':6} {'K':>5} {'median ms':>10} {'p90 ms':>8} "
                        f"{'(first stage':>13} {'best frames':>12} {'head)':>8}")
             for row in report["latency"]:
