@@ -27,6 +27,14 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+def _batch_size(ctx, param, value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r} is neither a positive whole number of videos nor 'auto'")
+    return int(value)
+
+
 def _gpu_workers(device: str) -> int:
     """One local dask worker per visible GPU when ``device`` resolves to CUDA and there
     are several; else 0 (this process; one GPU needs no cluster)."""
@@ -54,8 +62,10 @@ def _gpu_workers(device: str) -> int:
 @click.option("--num-frames", type=click.IntRange(1), default=DEFAULTS.num_frames, show_default=True)
 @click.option("--sampling", type=click.Choice(SAMPLING_MODES), default=DEFAULTS.sampling, show_default=True,
               help="Segment middles (the papers' protocol) or a random frame per segment.")
-@click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True,
-              help="Videos per image-encoder batch (each contributes --num-frames images).")
+@click.option("--batch-size", default=str(DEFAULTS.batch_size), show_default=True, callback=_batch_size, metavar="N|auto",
+              help="Videos per image-encoder batch (each contributes --num-frames images), or auto: on CUDA "
+                   "as many as fit in half the GPU's free memory by the model's activation size (at most 64), "
+                   "on the CPU 16.")
 @click.option("--shard-size", type=click.IntRange(1), default=DEFAULTS.shard_size, show_default=True,
               help="Videos per partition (one shard pair each; the unit of resuming and of dask tasks).")
 @click.option("--workers", type=click.IntRange(0), default=None,

@@ -25,6 +25,7 @@ encoder).
 
 Embeddings are returned as CLIP computes them (not L2-normalised), in float32. On a GPU
 the forward passes run under float16 autocast; everything runs in ``inference_mode``.
+:func:`videos_per_batch` is the rule of ``--batch-size auto`` on CUDA.
 """
 
 from __future__ import annotations
@@ -89,13 +90,36 @@ class Encoder:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def _pixels(self, pixels):
+        """``pixels [n, 3, size, size]`` on the device, float32. Loader batches arrive pinned,
+        and in fp16 under amp-fp16 (half the bytes to copy), so the copy is asynchronous;
+        widening to float32 on the device is exact for the model: autocast rounds the
+        first layer's (a convolution's) input to fp16 anyway."""
+        return pixels.to(self.device, non_blocking=True).float()
+
     def encode_images(self, pixels) -> np.ndarray:
         """``pixels [n, 3, image_size, image_size]`` (preprocessed) -> ``[n, embed_dim]``."""
         import torch
 
         with torch.inference_mode(), self._autocast():
-            out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+            out = self.model.encode_image(self._pixels(pixels))
         return out.float().cpu().numpy()
+
+    def auto_batch_size(self, num_frames: int) -> int:
+        """Videos per image batch for ``--batch-size auto``: on CUDA, :func:`videos_per_batch`
+        for the memory this device has free now (what the caching allocator holds unused
+        counts as free, so later partitions get the same answer); on the CPU, or for an
+        image tower the rule does not model (no ViT width and patch size: a ResNet, a timm
+        tower), :data:`CPU_BATCH_SIZE`."""
+        vision = self.model_config.get("vision_cfg", {})
+        if not self.device.startswith("cuda") or not {"width", "patch_size"} <= vision.keys():
+            return CPU_BATCH_SIZE
+        import torch
+
+        device = torch.device(self.device)
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return videos_per_batch(free, vision["width"], num_frames, self.image_size, vision["patch_size"])
 
     def _tokens(self, texts: list[str]):
         """Token ids ``[n, context_length]`` on the device (through pinned memory on CUDA)."""
@@ -172,7 +196,7 @@ class Encoder:
         captured, hook = self._capture(visual.ln_post)
         try:
             with torch.inference_mode(), self._autocast():
-                out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+                out = self.model.encode_image(self._pixels(pixels))
                 tokens = captured["out"][:, 1:]  # [n, rows * cols, width]: the class token dropped
                 rows, cols = visual.grid_size
                 cells = tokens.reshape(len(tokens), rows, cols, -1).permute(0, 3, 1, 2)  # [n, width, rows, cols]
@@ -209,6 +233,34 @@ class Encoder:
 
 def precision_for(device: str) -> str:
     return "amp-fp16" if device.startswith("cuda") else "fp32"
+
+
+CPU_BATCH_SIZE = 16  # videos per image batch where the rule below does not apply
+ACTIVATION_COPIES = 16  # [tokens, width] tensors live at a ViT block's peak, see image_bytes
+AUTO_MEMORY_FRACTION = 0.5
+AUTO_MAX_VIDEOS = 64
+
+
+def image_bytes(width: int, image_size: int, patch_size: int) -> int:
+    """Device memory one image takes at the peak of a ViT image tower's fp16 forward pass,
+    a deliberate overestimate: the frame itself in fp16 and float32 (6 bytes a value),
+    :data:`ACTIVATION_COPIES` fp16 tensors ``[tokens, width]`` (residual stream, LayerNorm
+    output, q, k, v, attention output, the MLP's 4x-wide hidden before and after GELU,
+    with room to spare) and fp16 attention scores ``[heads, tokens, tokens]`` (heads of
+    width 64), tokens = (image_size / patch_size)^2 patches + the class token."""
+    tokens = (image_size // patch_size) ** 2 + 1
+    return 3 * image_size**2 * 6 + 2 * (ACTIVATION_COPIES * tokens * width + max(1, width // 64) * tokens**2)
+
+
+def videos_per_batch(free_bytes: int, width: int, num_frames: int, image_size: int, patch_size: int) -> int:
+    """The rule of ``--batch-size auto`` on CUDA: as many videos (``num_frames`` images each,
+    :func:`image_bytes` per image) as fit in :data:`AUTO_MEMORY_FRACTION` of the GPU's free
+    memory, the rest left to the allocator's fragmentation, kernel workspaces and the
+    caption batches (videos x frames captions at once); at least 1, at most
+    :data:`AUTO_MAX_VIDEOS`, so that a partition still has several batches for decoding
+    to overlap with (a 512-video shard: 8 or more)."""
+    per_video = num_frames * image_bytes(width, image_size, patch_size)
+    return max(1, min(AUTO_MAX_VIDEOS, int(free_bytes * AUTO_MEMORY_FRACTION) // per_video))
 
 
 def resolve_device(device: str) -> str:

@@ -56,7 +56,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tmass.extract.datasets import Caption, SplitData, Video
-from tmass.extract.encoder import Encoder, EncoderError, get_encoder, precision_for, resolve_device
+from tmass.extract.encoder import AUTO, Encoder, EncoderError, get_encoder, precision_for, resolve_device
 from tmass.extract.video import DECODER, SHORT_CLIP_POLICY, VideoError, read_frames
 from tmass.features.format import (
     FeatureMeta,
@@ -94,7 +94,9 @@ class ExtractConfig:
     caption_field: str | None = None
     text_tokens: bool = False  # also store every caption token in the joint space (token_embedding)
     patch_grid: int = 0  # G > 0: also store each frame's patch tokens pooled to G x G (patch_embedding)
-    batch_size: int = 16  # videos per image-encoder batch (x num_frames images)
+    # videos per image-encoder batch (x num_frames images); "auto": on CUDA sized to the
+    # GPU's free memory and the model (encoder.videos_per_batch), on the CPU 16
+    batch_size: int | str = "auto"
     device: str = "auto"
     loader_workers: int | None = None  # decode processes per runner; None: cores - 1, at most 8
     torch_threads: int | None = None  # None: torch's default
@@ -187,8 +189,10 @@ class _Batch:
         return self
 
 
-def collate_videos(items: list) -> _Batch:
-    """Runs in the loader worker, so the concatenation costs the model nothing."""
+def collate_videos(items: list, half: bool = False) -> _Batch:
+    """Runs in the loader worker, so the concatenation (and with ``half`` the cast to
+    fp16, for a model under amp-fp16: half the bytes to pin and copy) costs the model
+    nothing."""
     import torch
 
     ok = [item for item in items if isinstance(item, tuple)]
@@ -197,7 +201,7 @@ def collate_videos(items: list) -> _Batch:
         return _Batch([], None, None, None, failed, 0.0)
     return _Batch(
         video_ids=[item[0] for item in ok],
-        pixels=torch.cat([item[1] for item in ok]),
+        pixels=torch.cat([item[1] for item in ok]).to(torch.float16 if half else torch.float32),
         frame_index=np.stack([item[2] for item in ok]),
         frame_mask=np.stack([item[3] for item in ok]),
         failed=failed,
@@ -262,9 +266,15 @@ def run_partition(job: PartitionJob) -> PartitionResult:
                            f"at the start, {encoder.checkpoint_sha256} now); restore it, or extract anew with --overwrite")
     if (encoder.embed_dim, encoder.image_size) != (meta.embed_dim, meta.image_size):
         raise RuntimeError(f"worker encoder {encoder.name} does not match the split's metadata")
+    batch_size = encoder.auto_batch_size(config.num_frames) if config.batch_size == AUTO else config.batch_size
+    log.debug("%s partition %05d on %s: %d videos per image batch (--batch-size %s)", meta.split, job.index,
+              encoder.device, batch_size, config.batch_size)
+    # With loader workers, the DataLoader decodes the next batches (2 per worker) while
+    # this process encodes the current one: decoding overlaps the model.
     loader = DataLoader(
-        VideoFrames(job.videos, config, encoder.preprocess), batch_size=config.batch_size,
-        num_workers=_loader_workers(config), collate_fn=collate_videos, pin_memory=encoder.device.startswith("cuda"),
+        VideoFrames(job.videos, config, encoder.preprocess), batch_size=batch_size,
+        num_workers=_loader_workers(config), pin_memory=encoder.device.startswith("cuda"),
+        collate_fn=functools.partial(collate_videos, half=precision_for(encoder.device) == "amp-fp16"),
         worker_init_fn=functools.partial(_die_with, os.getpid()),
     )
     stats: Counter = Counter()
@@ -305,7 +315,7 @@ def run_partition(job: PartitionJob) -> PartitionResult:
     decoded = set(ok_ids)
     captions = [c for c in job.captions if c.video_id in decoded]  # a caption of a failed video would dangle
     tick = time.perf_counter()
-    texts, tokens, token_mask = _encode_captions(encoder, [c.text for c in captions], config.batch_size * config.num_frames,
+    texts, tokens, token_mask = _encode_captions(encoder, [c.text for c in captions], batch_size * config.num_frames,
                                                  meta.text_tokens)
     stats.update(text_s=time.perf_counter() - tick)
 

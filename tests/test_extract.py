@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -519,6 +520,129 @@ def test_extraction_starts_one_worker_per_visible_gpu_by_default(monkeypatch):
     assert [_gpu_workers(d) for d in ("auto", "cuda", "cuda:1", "cpu")] == [4, 4, 0, 0]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert _gpu_workers("auto") == 0  # one GPU: this process, no cluster
+
+
+def _batch_timings(log: str) -> list[tuple[float, float, float]]:
+    """(waited on loader, decode, image model) seconds of every batch in an extract.log."""
+    pattern = r"waited on loader ([\d.]+)s, decode ([\d.]+)s \(in workers\), image model ([\d.]+)s"
+    return [tuple(map(float, m)) for m in re.findall(pattern, log)]
+
+
+@pytest.mark.parametrize("loader_workers", [1, 0])
+def test_loader_workers_decode_the_next_batch_while_the_model_encodes(loader_workers, tiny_model, demo_root, tmp_path,
+                                                                      monkeypatch):
+    """Decoding (0.2 s a video, forked into the loader workers) and the model (0.4 s a
+    batch) both slowed down: with a loader worker the model never waits for the next
+    batch after the first, as extract.log's per-batch timings show; without one it
+    waits for every batch's whole decode (the measurement can tell the two apart)."""
+    from tmass.extract import runner
+    from tmass.extract.encoder import Encoder
+
+    read_frames, encode_images = runner.read_frames, Encoder.encode_images
+    monkeypatch.setattr(runner, "read_frames", lambda *a, **k: (time.sleep(0.2), read_frames(*a, **k))[1])
+    monkeypatch.setattr(Encoder, "encode_images", lambda self, p: (time.sleep(0.4), encode_images(self, p))[1])
+    extract("--dataset", "demo", "--data-root", demo_root, "--model", tiny_model, "--pretrained", "none",
+            "--split", "test", "--shard-size", 5, "--batch-size", 1, "--loader-workers", loader_workers, "--out", tmp_path)
+    timings = _batch_timings((tmp_path / "demo" / "tiny-clip__none" / "test" / "extract.log").read_text())
+    assert len(timings) == 5 and all(model >= 0.4 and decode >= 0.2 for _, decode, model in timings)
+    waited, decoded = sum(t[0] for t in timings[1:]), sum(t[1] for t in timings[1:])
+    if loader_workers:
+        assert waited < 0.25 * decoded
+    else:
+        assert waited >= decoded
+
+
+def test_auto_batch_size_fills_half_the_free_gpu_memory_within_bounds():
+    from tmass.extract.encoder import AUTO_MAX_VIDEOS, image_bytes, videos_per_batch
+
+    assert image_bytes(768, 224, 16) > image_bytes(768, 224, 32) and image_bytes(1024, 224, 14) > image_bytes(768, 224, 14)
+    per_video = 12 * image_bytes(768, 224, 16)
+    for free in (2**30, 3 * 2**30, 8 * 2**30):
+        n = videos_per_batch(free, 768, 12, 224, 16)
+        assert 1 < n < AUTO_MAX_VIDEOS and n * per_video <= free / 2 < (n + 1) * per_video
+        assert videos_per_batch(free, 768, 24, 224, 16) in (n // 2, (n + 1) // 2)  # twice the frames: half the videos
+    assert videos_per_batch(2**20, 768, 12, 224, 16) == 1  # never none
+    assert videos_per_batch(139 * 2**30, 768, 12, 224, 32) == AUTO_MAX_VIDEOS
+
+
+def test_auto_batch_size_on_the_cpu_is_the_old_default_and_the_option_says_what_it_takes(tiny_model, tmp_path):
+    from tmass.extract.encoder import CPU_BATCH_SIZE, load_encoder
+    from tmass.extract.runner import ExtractConfig
+
+    assert ExtractConfig().batch_size == "auto" and CPU_BATCH_SIZE == 16
+    assert load_encoder(tiny_model, "none", "cpu").auto_batch_size(12) == CPU_BATCH_SIZE
+    for bad in ("0", "lots"):
+        refused = extract("--out", tmp_path, "--batch-size", bad, expect=2)
+        assert "Invalid value for '--batch-size'" in refused.output and "'auto'" in refused.output
+
+
+def test_fp16_frames_from_the_loader_are_widened_on_the_device(tiny_model, demo_root):
+    """Under amp-fp16 the loader hands fp16 frames over (collate_videos(half=True)); the
+    encoder widens them to float32 on its device, so they encode as the same frames
+    rounded to fp16 would in float32."""
+    import torch
+
+    from tmass.extract.encoder import load_encoder
+    from tmass.extract.runner import ExtractConfig, VideoFrames, collate_videos
+    from tmass.extract.datasets import load_split as load_annotations
+
+    encoder = load_encoder(tiny_model, "none", "cpu")
+    data = load_annotations("demo", demo_root, "test")
+    items = [VideoFrames(tuple(data.videos[:2]), ExtractConfig(), encoder.preprocess)[i] for i in range(2)]
+    full, half = collate_videos(items), collate_videos(items, half=True)
+    assert full.pixels.dtype == torch.float32 and half.pixels.dtype == torch.float16
+    assert torch.equal(half.pixels, full.pixels.half()) and half.video_ids == full.video_ids
+    np.testing.assert_array_equal(encoder.encode_images(half.pixels), encoder.encode_images(half.pixels.float()))
+
+
+@pytest.mark.cuda
+def test_on_cuda_pinned_fp16_frames_encode_as_float32_frames_do(tiny_model):
+    """autocast rounds the first convolution's input to fp16 anyway: handing the frames
+    over in fp16, pinned and copied asynchronously, changes no embedding."""
+    import torch
+
+    from tmass.extract.encoder import load_encoder
+
+    encoder = load_encoder(tiny_model, "none", "cuda")
+    pixels = torch.randn(24, 3, 32, 32)
+    np.testing.assert_array_equal(encoder.encode_images(pixels.half().pin_memory()), encoder.encode_images(pixels))
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_auto_batch_rule_overestimates_a_vit_b_32s_memory():
+    """The rule's per-image bytes bound what each further image adds to the peak memory
+    of a ViT-B/32 forward pass (the fixed part, fp16 copies of the weights, is left to
+    the other half of the free memory); the batch it picks runs."""
+    import torch
+
+    from tmass.extract.encoder import AUTO_MAX_VIDEOS, image_bytes, load_encoder
+
+    encoder = load_encoder("ViT-B-32", "none", "cuda")
+    videos = encoder.auto_batch_size(12)
+    assert 2 <= videos <= AUTO_MAX_VIDEOS
+
+    def peak(images: int) -> int:
+        pixels = torch.randn(images, 3, 224, 224).half().pin_memory()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        assert encoder.encode_images(pixels).shape == (images, 512)
+        return torch.cuda.max_memory_allocated() - before
+
+    small, large = 12, videos * 12
+    assert (peak(large) - peak(small)) / (large - small) <= image_bytes(768, 224, 32)
+
+
+@pytest.mark.cuda
+def test_on_cuda_extraction_sizes_its_batches_by_default(tiny_model, demo_root, tmp_path):
+    from tmass.extract.encoder import AUTO_MAX_VIDEOS
+
+    extract("--dataset", "demo", "--data-root", demo_root, "--model", tiny_model, "--pretrained", "none",
+            "--split", "test", "--device", "cuda", "--out", tmp_path)
+    split_dir = tmp_path / "demo" / "tiny-clip__none" / "test"
+    assert check_split(split_dir) == []
+    assert f"{AUTO_MAX_VIDEOS} videos per image batch (--batch-size auto)" in (split_dir / "extract.log").read_text()
+    assert json.loads((split_dir / "manifest.json").read_text())["meta"]["extra"]["precision"] == "amp-fp16"
 
 
 def test_token_features_are_the_models_own_tokens(tiny_model, demo_root, tmp_path):
