@@ -195,15 +195,16 @@ class OneTextXPool(FoldedXPool):
 
     def logits(self, text: torch.Tensor, videos: slice) -> torch.Tensor:
         """Zeros ``[heads, 1, n_video_chunk]``: the attention is inside ``u`` and ``z``."""
-        return torch.zeros(self.fusion.num_heads, len(text), len(self.u[videos]))
+        return torch.zeros(self.fusion.num_heads, len(text), len(self.u[videos]), device=self.u.device)
 
     def pool(self, text: torch.Tensor, videos: slice, frame_mask: torch.Tensor | None) -> torch.Tensor:
         """p(v|t) ``[1, n_vc, dim]`` (frame_mask is already in ``u`` and ``z``)."""
         folded = self.folded[videos]
-        return pool_folded(self.fusion, torch.ones(len(text), len(folded.u), self.fusion.num_heads), folded)
+        return pool_folded(self.fusion, torch.ones(len(text), len(folded.u), self.fusion.num_heads, device=folded.u.device),
+                           folded)
 
     def kernel_mask(self, frames: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
-        return torch.ones((len(frames), 1), dtype=torch.bool)
+        return torch.ones((len(frames), 1), dtype=torch.bool, device=frames.device)
 
 
 VIDEOS_PER_CHUNK = 256  # tiles of many texts x some videos keep the logits GEMM well-shaped
