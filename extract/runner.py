@@ -271,9 +271,11 @@ def run_partition(job: PartitionJob) -> PartitionResult:
               encoder.device, batch_size, config.batch_size)
     # With loader workers, the DataLoader decodes the next batches (2 per worker) while
     # this process encodes the current one: decoding overlaps the model.
+    workers = _loader_workers(config)
+    where = "in loader workers" if workers else "in the runner, not overlapped"
     loader = DataLoader(
         VideoFrames(job.videos, config, encoder.preprocess), batch_size=batch_size,
-        num_workers=_loader_workers(config), pin_memory=encoder.device.startswith("cuda"),
+        num_workers=workers, pin_memory=encoder.device.startswith("cuda"),
         collate_fn=functools.partial(collate_videos, half=precision_for(encoder.device) == "amp-fp16"),
         worker_init_fn=functools.partial(_die_with, os.getpid()),
     )
@@ -304,10 +306,11 @@ def run_partition(job: PartitionJob) -> PartitionResult:
             masks.append(batch.frame_mask)
             indices.append(batch.frame_index)
             stats.update(frames=len(embeddings))
-        stats.update(wait_s=wait, encode_s=encode, decode_s=batch.decode_s, batches=1)
+        stats.update(wait_s=wait, encode_s=encode, decode_s=batch.decode_s, batches=1,
+                     inline_decode_s=0.0 if workers else batch.decode_s)
         log.debug("%s partition %05d batch %d: %d videos decoded, %d failed; waited on loader %.3fs, "
-                  "decode %.3fs (in workers), image model %.3fs", meta.split, job.index, number,
-                  len(batch.video_ids), len(batch.failed), wait, batch.decode_s, encode)
+                  "decode %.3fs (%s), image model %.3fs", meta.split, job.index, number,
+                  len(batch.video_ids), len(batch.failed), wait, batch.decode_s, where, encode)
         bar.update(len(batch.video_ids) + len(batch.failed))
         waited = time.perf_counter()
     bar.close()
@@ -531,8 +534,10 @@ class SplitReport:
             head,
             f"  {int(s['frames'])} frames in {self.wall_s:.1f} s: {s['frames'] / self.wall_s:.1f} frames/s",
             f"  image model {s['encode_s']:.1f} s, text model {s['text_s']:.1f} s, writing {s['write_s']:.1f} s; "
-            f"decode+preprocess {s['decode_s']:.1f} s in loader workers "
-            f"({s['decode_s'] / (s['decode_s'] + model_s):.0%} of decode+model time, overlapped with the model)",
+            f"decode+preprocess {s['decode_s']:.1f} s "
+            f"({s['decode_s'] / (s['decode_s'] + model_s):.0%} of decode+model time), "
+            + (f"{s['inline_decode_s']:.1f} s of it in the runner, not overlapped (--loader-workers 0)"
+               if s.get("inline_decode_s") else "in loader workers, overlapped with the model"),
             f"  bottleneck: {'the model' if s['wait_s'] < model_s else 'decoding'} "
             f"(the model waited {s['wait_s']:.1f} s for decoded frames)",
         ]

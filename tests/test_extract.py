@@ -524,7 +524,7 @@ def test_extraction_starts_one_worker_per_visible_gpu_by_default(monkeypatch):
 
 def _batch_timings(log: str) -> list[tuple[float, float, float]]:
     """(waited on loader, decode, image model) seconds of every batch in an extract.log."""
-    pattern = r"waited on loader ([\d.]+)s, decode ([\d.]+)s \(in workers\), image model ([\d.]+)s"
+    pattern = r"waited on loader ([\d.]+)s, decode ([\d.]+)s \([^)]*\), image model ([\d.]+)s"
     return [tuple(map(float, m)) for m in re.findall(pattern, log)]
 
 
@@ -543,13 +543,15 @@ def test_loader_workers_decode_the_next_batch_while_the_model_encodes(loader_wor
     monkeypatch.setattr(Encoder, "encode_images", lambda self, p: (time.sleep(0.4), encode_images(self, p))[1])
     extract("--dataset", "demo", "--data-root", demo_root, "--model", tiny_model, "--pretrained", "none",
             "--split", "test", "--shard-size", 5, "--batch-size", 1, "--loader-workers", loader_workers, "--out", tmp_path)
-    timings = _batch_timings((tmp_path / "demo" / "tiny-clip__none" / "test" / "extract.log").read_text())
+    log = (tmp_path / "demo" / "tiny-clip__none" / "test" / "extract.log").read_text()
+    timings = _batch_timings(log)
     assert len(timings) == 5 and all(model >= 0.4 and decode >= 0.2 for _, decode, model in timings)
     waited, decoded = sum(t[0] for t in timings[1:]), sum(t[1] for t in timings[1:])
+    summary = next(line for line in log.splitlines() if "decode+preprocess" in line)
     if loader_workers:
-        assert waited < 0.25 * decoded
+        assert waited < 0.25 * decoded and "in loader workers, overlapped with the model" in summary
     else:
-        assert waited >= decoded
+        assert waited >= decoded and "in the runner, not overlapped (--loader-workers 0)" in summary
 
 
 def test_auto_batch_size_fills_half_the_free_gpu_memory_within_bounds():
