@@ -96,6 +96,20 @@ class Loss:
         raise NotImplementedError
 
 
+class TwoWayLoss(Loss):
+    """A loss on the batch's cosines and positives alone, one term per direction:
+    subclasses give ``directions(cos [B_text, B_video], positives [B_text, B_video])
+    -> (text-to-video, video-to-text)`` scalars, reported as the parts ``t2v`` and
+    ``v2t`` and summed into ``total``."""
+
+    def directions(self, cos: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
+        t2v, v2t = self.directions(scores.cos, batch.positives)
+        return {"t2v": t2v, "v2t": v2t, "total": t2v + v2t}
+
+
 def _plugins() -> dict:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 

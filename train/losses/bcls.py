@@ -40,7 +40,7 @@ import torch
 
 from tmass.train.config import setting
 from tmass.train.data import Batch
-from tmass.train.losses import Loss, Scores
+from tmass.train.losses import Scores, TwoWayLoss
 from tmass.train.losses.relevance import PseudoLabelConfig, PseudoLabelLoss
 
 
@@ -112,15 +112,14 @@ class KendallConfig(TripletSNConfig, PseudoLabelConfig):
             raise ValueError("kendall_weight and label_noise must be >= 0, kendall_temperature > 0, window >= 1")
 
 
-class TripletSN(Loss):
+class TripletSN(TwoWayLoss):
     """Triplet loss with soft negative mining; reports its two directions as parts."""
 
     name = "triplet-sn"
     Config = TripletSNConfig
 
-    def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
-        t2v, v2t = soft_negative_triplet(scores.cos, batch.positives, self.cfg.margin, self.cfg.mining_temperature)
-        return {"t2v": t2v, "v2t": v2t, "total": t2v + v2t}
+    def directions(self, cos: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return soft_negative_triplet(cos, positives, self.cfg.margin, self.cfg.mining_temperature)
 
 
 class Kendall(PseudoLabelLoss):

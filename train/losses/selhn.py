@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from tmass.train.config import setting
-from tmass.train.data import Batch
-from tmass.train.losses import Loss, Scores
+from tmass.train.losses import TwoWayLoss
 
 
 def selective_triplet(cos: torch.Tensor, positives: torch.Tensor, margin: float,
@@ -60,12 +59,11 @@ class SelHNConfig:
             raise ValueError(f"margin and epsilon must be >= 0, got {self.margin} and {self.epsilon}")
 
 
-class SelHN(Loss):
+class SelHN(TwoWayLoss):
     """Selectively hard negative triplet loss; reports its two directions as parts."""
 
     name = "selhn"
     Config = SelHNConfig
 
-    def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
-        t2v, v2t = selective_triplet(scores.cos, batch.positives, self.cfg.margin, self.cfg.epsilon)
-        return {"t2v": t2v, "v2t": v2t, "total": t2v + v2t}
+    def directions(self, cos: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return selective_triplet(cos, positives, self.cfg.margin, self.cfg.epsilon)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from tmass.train.config import setting
-from tmass.train.data import Batch
-from tmass.train.losses import Loss, Scores
+from tmass.train.losses import TwoWayLoss
 
 
 def max_violation_triplet(cos: torch.Tensor, positives: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,12 +43,11 @@ class TripletHNConfig:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
 
 
-class TripletHN(Loss):
+class TripletHN(TwoWayLoss):
     """VSE++'s max-violation triplet loss; reports its two directions as parts."""
 
     name = "triplet-hn"
     Config = TripletHNConfig
 
-    def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
-        t2v, v2t = max_violation_triplet(scores.cos, batch.positives, self.cfg.margin)
-        return {"t2v": t2v, "v2t": v2t, "total": t2v + v2t}
+    def directions(self, cos: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return max_violation_triplet(cos, positives, self.cfg.margin)

@@ -33,8 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from tmass.train.config import setting
-from tmass.train.data import Batch
-from tmass.train.losses import Loss, Scores
+from tmass.train.losses import TwoWayLoss
 
 
 def unified_pair_loss(cos: torch.Tensor, positives: torch.Tensor, margin: float,
@@ -66,12 +65,11 @@ class UnifiedConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
-class Unified(Loss):
+class Unified(TwoWayLoss):
     """The unified pair-similarity loss; reports its two directions as parts."""
 
     name = "unified"
     Config = UnifiedConfig
 
-    def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
-        t2v, v2t = unified_pair_loss(scores.cos, batch.positives, self.cfg.margin, self.cfg.temperature)
-        return {"t2v": t2v, "v2t": v2t, "total": t2v + v2t}
+    def directions(self, cos: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return unified_pair_loss(cos, positives, self.cfg.margin, self.cfg.temperature)
