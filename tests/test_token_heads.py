@@ -126,3 +126,15 @@ def test_prota_scores_are_the_mean_path_and_training_samples():
     torch.manual_seed(2)
     b = head.train_scores(text, video)[1]["acl"]
     assert not torch.isclose(a, b)  # the adaptive contrastive term is on sampled tokens
+
+
+def test_the_tc_mgc_sweep_switches_sr_sdr_lsa_and_shares_the_heads_run():
+    from tmass.sweep import SWEEPS, heads_sweep
+
+    variants = SWEEPS["tc-mgc"].variants
+    configs = [head_spec("tc-mgc").make_config(**v.head) for v in variants]
+    assert [(c.sr, c.sdr, c.lsa) for c in configs] == [(True, True, True), (False, True, True), (True, False, True),
+                                                      (True, True, False), (False, False, False)]
+    assert len({v.run_key() for v in variants}) == len(variants)
+    heads = {v.name: v.run_key() for v in heads_sweep().variants}
+    assert variants[0].run_key() == heads["TC-MGC"]

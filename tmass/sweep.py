@@ -11,6 +11,7 @@ a sweep can be interrupted and restarted, and sweeps can be added one at a time.
     trials    Table 4   M = 0 (w/o sampling), 5, 10, 20 on the final model
     support   Fig. 6    alpha in 0, 0.2, ..., 1.0 (X-Pool as reference)
     frames    Fig. 7    4, 8, 12 frames (cached frames uniformly subsampled)
+    tc-mgc    TC-MGC's switches: all on | w/o SR | w/o SDR | w/o LSA | none (needs word tokens)
     heads     every registered head (tmass.train.registry), built-in or plugin, with
               its default loss terms: the heads compared on equal terms
     losses    every registered loss (tmass.train.losses) x meanP, X-Pool, T-MASS, each
@@ -110,6 +111,12 @@ SWEEPS = {
     "frames": Sweep("frames", "Fig. 7: frames per video", tuple(
         _final(f"{n} frames", frames=n, x=n) for n in (4, 8, 12)
     ), x_label="frames per video"),
+    # all switches on is the heads sweep's TC-MGC run (same head and train settings)
+    "tc-mgc": Sweep("tc-mgc", "TC-MGC: similarity reorganisation, decorrelation, linear softmax aggregation", tuple(
+        Variant(name, head={"head": "tc-mgc", **off}, train={"loss_terms": ("ce",)})
+        for name, off in (("SR + SDR + LSA", {}), ("w/o SR", {"sr": False}), ("w/o SDR", {"sdr": False}),
+                          ("w/o LSA", {"lsa": False}), ("none", {"sr": False, "sdr": False, "lsa": False}))
+    )),
 }
 # the configurations the paper's tables train, so that the heads sweep shares their runs
 PAPER_VARIANTS = {"xpool": XPOOL, "tmass": FINAL}
@@ -415,6 +422,7 @@ def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig, p
               help="Sweep directory: runs/, tables (.md, .csv) and plots (.png) per sweep.")
 @click.option("--sweeps", default="radius,trials", show_default=True,
               help="Comma list from radius (Table 5), loss (Table 6), trials (Table 4), support (Fig. 6), frames (Fig. 7), "
+                   "tc-mgc (TC-MGC's SR, SDR, LSA switches), "
                    f"heads (every registered head: {', '.join(head_names())}), "
                    "losses (every registered loss x meanP, X-Pool, T-MASS).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma list of seeds; tables show mean ± std.")
