@@ -384,7 +384,7 @@ def score_features(
 def score_split(head: RetrievalHead, arrays: SplitArrays, config: EvalConfig) -> np.ndarray:
     """Every caption of a split against every video of it: ``[n_text, n_video]``, rows and
     columns in shard order. The head is given the features it declares (registry)."""
-    text, video = split_features(arrays, head_spec(head.cfg.head).features)
+    text, video = split_features(arrays, head_spec(head.cfg.head).features, head.cfg.head)
     return score_features(head, text, arrays.text_ids, video, arrays.video_ids, config, text_to_video=arrays.text_to_video)
 
 
