@@ -68,8 +68,9 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
 
     from tmass import __version__
     from tmass.evaluate.scores import EvalConfig, metrics_report, resolve_device, score_split
-    from tmass.features.format import FeatureFormatError, load_split, locate_split, sha256_file
-    from tmass.train.trainer import features_identity, identity_mismatch, load_checkpoint
+    from tmass.features.format import (FeatureFormatError, features_identity, identity_mismatch, load_split,
+                                       locate_split, sha256_file)
+    from tmass.train.trainer import load_checkpoint
 
     try:
         device = str(resolve_device(device))  # a GPU that is not there: said before any work

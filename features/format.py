@@ -59,7 +59,8 @@ plain file I/O after a free-space check, so a full disk is a one-line
 Outputs never mix. :func:`provenance` is what made a split (source, model, weights and
 their hash, model config, frame count, sampling, preprocessing, preset, seed, ...);
 every shard must agree with its manifest on it (:meth:`FeatureSplit` reports a mixed
-split). A writer holds the directory with :func:`writing_split`: one writer at a time
+split). :func:`features_identity`, a part of it, is what a training split and the splits
+its heads score must share (the encoder's space). A writer holds the directory with :func:`writing_split`: one writer at a time
 (a POSIX lock, which forked children do not inherit and which dies with its process),
 ``provenance.json`` records the writer's identity before the first shard, and a
 directory holding features made otherwise is refused untouched unless the writer
@@ -201,14 +202,49 @@ def provenance(meta: FeatureMeta) -> dict:
     return json.loads(json.dumps(data | {k: v for k, v in extra.items() if k not in _RUN_NOTES}))
 
 
+def _differing_keys(a: dict, b: dict) -> list:
+    """The keys of ``a`` then ``b`` on which the two differ (a missing key is None)."""
+    return [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+
+
 def provenance_diff(before: dict, now: dict, then: str = "then", here: str = "now") -> list[str]:
     """``key: <before> then, <now> now`` for every key on which two provenances differ."""
     def short(value) -> str:
         text = repr(value)
         return text if len(text) <= 70 else text[:67] + "..."
 
-    keys = list(before) + [k for k in now if k not in before]
-    return [f"{k}: {short(before.get(k))} {then}, {short(now.get(k))} {here}" for k in keys if before.get(k) != now.get(k)]
+    return [f"{k}: {short(before.get(k))} {then}, {short(now.get(k))} {here}" for k in _differing_keys(before, now)]
+
+
+# The provenance keys that fix the space the embeddings live in: a head trained on one
+# split scores another only when they agree. Frame sampling, preprocessing, the decoder
+# or the dataset may differ (a test split is another dataset's split, sampled alike or not).
+IDENTITY_KEYS = ("source", "model", "pretrained", "checkpoint_sha256", "random_init", "embed_dim", "num_frames",
+                 "image_size")
+SEEDED_KEYS = ("seed", "preset")  # where a seed made the weights: random init, simulated features
+
+
+def features_identity(split: Path | dict) -> dict:
+    """What splits trained and evaluated together must share: a projection of
+    :func:`provenance` of ``split`` (a split directory or its parsed ``manifest.json``).
+    :data:`IDENTITY_KEYS`; ``weights`` (the weights' name, else ``pretrained``); the
+    format's major version; for random-init weights and simulated features also
+    :data:`SEEDED_KEYS`. A training run records it in ``config.json`` and its
+    checkpoints; ``tmass eval`` and ``tmass search`` compare it (:func:`identity_mismatch`).
+    Runs keep this dict's keys and values: one recorded by an older run still compares."""
+    manifest = split if isinstance(split, dict) else json.loads((Path(split) / MANIFEST).read_text())
+    made = provenance(FeatureMeta.from_json(manifest["meta"]))
+    identity = {key: made.get(key) for key in IDENTITY_KEYS}
+    identity.update(weights=made.get("weights", made["pretrained"]),
+                    format_version=str(manifest.get("format_version", "?")).split(".")[0])
+    if made["random_init"] or made["source"] == "simulated":
+        identity.update({key: made.get(key) for key in SEEDED_KEYS})
+    return identity
+
+
+def identity_mismatch(identity: dict, other: dict) -> str:
+    """``key a vs b`` for each key on which two :func:`features_identity` differ, or ''."""
+    return ", ".join(f"{k} {identity.get(k)!r} vs {other.get(k)!r}" for k in _differing_keys(identity, other))
 
 
 @dataclass(frozen=True)

@@ -468,6 +468,47 @@ def test_eval_refuses_a_checkpoint_trained_on_other_features(tiny_features, mixe
     assert "\n" not in message and "trained on other features" in message and "seed 1 vs 0" in message, message
 
 
+# features_identity of tiny's splits as runs recorded it before the identity moved to features/format.py
+RECORDED_IDENTITY = {"source": "simulated", "model": "simulated", "pretrained": "none", "checkpoint_sha256": None,
+                     "random_init": False, "embed_dim": 64, "num_frames": 12, "image_size": None, "weights": "none",
+                     "format_version": "1", "seed": 0, "preset": "tiny"}
+
+
+def test_the_features_identity_is_the_encoder_part_of_the_provenance(tiny_features):
+    from tmass.features.format import IDENTITY_KEYS, FeatureMeta, features_identity, provenance
+
+    manifest = json.loads((tiny_features / "train" / "manifest.json").read_text())
+    identity = features_identity(tiny_features / "train")
+    assert identity == features_identity(manifest) == RECORDED_IDENTITY
+    made = provenance(FeatureMeta.from_json(manifest["meta"]))
+    assert {key: identity[key] for key in IDENTITY_KEYS} == {key: made[key] for key in IDENTITY_KEYS}
+    # what does not move the embedding space is not part of it: the dataset's name, the frame sampling
+    renamed = {**manifest, "meta": {**manifest["meta"], "dataset": "other", "frame_sampling": "other"}}
+    assert features_identity(renamed) == identity
+    reseeded = {**manifest, "meta": {**manifest["meta"], "extra": {**manifest["meta"]["extra"], "seed": 1}}}
+    assert features_identity(reseeded) == {**identity, "seed": 1}
+
+
+def test_a_run_recorded_before_the_identity_moved_still_evaluates(tiny_features, mixed_features, tmp_path):
+    run = tmp_path / "run"
+    trained = CliRunner().invoke(main, ["train", "--features", str(tiny_features), "--out", str(run), "--head", "xpool",
+                                        "--epochs", "0", "--no-final-eval", "--no-progress"])
+    assert trained.exit_code == 0, trained.output
+    checkpoint = torch.load(run / "best.pt", weights_only=False)
+    checkpoint["features_identity"] = dict(RECORDED_IDENTITY)  # as the old code wrote it
+    torch.save(checkpoint, run / "best.pt")
+    config = json.loads((run / "config.json").read_text())
+    assert config["features_identity"] == RECORDED_IDENTITY
+    result = CliRunner().invoke(main, ["eval", "--features", str(tiny_features), "--checkpoint", str(run / "best.pt"),
+                                       "--trials", "0"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["eval", "--features", str(mixed_features), "--checkpoint", str(run / "best.pt"),
+                                       "--trials", "0"])
+    message = result.output.strip()
+    assert result.exit_code == 1 and "\n" not in message and "trained on other features" in message
+    assert "seed 1 vs 0" in message, message
+
+
 def test_resume_names_every_difference_on_one_line(tiny_features, tmp_path):
     cfg = TrainConfig(epochs=2, **FAST)
     train(tiny_features, tmp_path / "run", cfg, HeadConfig(head="xpool"), progress=False, stop_after=3)

@@ -65,7 +65,8 @@ from pathlib import Path
 import numpy as np
 
 from tmass import __version__
-from tmass.features.format import FeatureMeta, SplitArrays, load_split, sha256_file
+from tmass.features.format import (FeatureMeta, SplitArrays, features_identity, identity_mismatch, load_split,
+                                  sha256_file)
 
 INDEX_FORMAT = "2"  # 2: frame_norms.npy
 INDEX_FILE = "index.json"
@@ -202,7 +203,7 @@ def first_stage_label(index) -> str:
 def check_checkpoint(checkpoint: Path, meta: FeatureMeta, split_dir: Path) -> tuple[object, dict, str | None]:
     """Load a head and refuse one made for other features. Returns (head, checkpoint
     entries, a warning or None)."""
-    from tmass.train.trainer import features_identity, identity_mismatch, load_checkpoint
+    from tmass.train.trainer import load_checkpoint
 
     try:
         head, info = load_checkpoint(checkpoint, "cpu")
@@ -303,7 +304,6 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
     Warnings (things not checkable) are in ``info["warnings"]``."""
     from tmass.extract.encoder import EncoderError, get_encoder
     from tmass.features.format import FeatureFormatError
-    from tmass.train.trainer import features_identity
 
     config = config or IndexConfig()
     split_dir, out = Path(split_dir), Path(out)
@@ -448,8 +448,6 @@ class SearchIndex:
 
     def check_features(self, split_dir: Path) -> None:
         """Refuse query features made otherwise than the index's (another encoder)."""
-        from tmass.train.trainer import features_identity, identity_mismatch
-
         theirs = features_identity(split_dir)
         mismatch = identity_mismatch(theirs, self.info["encoder"])
         if mismatch:

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from tmass import __version__
-from tmass.features.format import SplitArrays, load_split
+from tmass.features.format import SplitArrays, features_identity, identity_mismatch, load_split
 from tmass.train.config import check_choices, setting
 from tmass.train.data import PairData, epoch_order, split_validation
 from tmass.train.heads import RetrievalHead
@@ -160,30 +160,6 @@ def resolve_configs(cfg: TrainConfig, head_cfg: Any, arrays: SplitArrays) -> tup
         head_cfg, embed_dim=meta.embed_dim, num_frames=meta.num_frames, logit_scale=float(meta.logit_scale)
     )
     return cfg, head_cfg
-
-
-def features_identity(split_dir: Path) -> dict:
-    """What splits trained and evaluated together must share, from a split's manifest:
-    the encoder (source, model, weights and their hash; for random-init weights and
-    simulated features the seed that made them, and the simulator's preset), the width,
-    the frame count, the image size and the format's major version. A run records it in
-    ``config.json`` and its checkpoints, where ``tmass eval`` compares it."""
-    manifest = json.loads((Path(split_dir) / "manifest.json").read_text())
-    meta, version = manifest["meta"], str(manifest.get("format_version", "?"))
-    extra = meta.get("extra") or {}
-    identity = {key: meta.get(key) for key in ("source", "model", "pretrained", "checkpoint_sha256", "random_init",
-                                               "embed_dim", "num_frames", "image_size")}
-    identity.update(weights=extra.get("weights", meta.get("pretrained")), format_version=version.split(".")[0])
-    if meta.get("random_init") or meta.get("source") == "simulated":  # the seed made the weights
-        identity.update(seed=extra.get("seed"), preset=extra.get("preset"))
-    return identity
-
-
-def identity_mismatch(identity: dict, other: dict) -> str:
-    """``key a vs b`` for each key on which two :func:`features_identity` differ, or ''."""
-    keys = dict.fromkeys([*identity, *other])
-    return ", ".join(f"{key} {identity.get(key)!r} vs {other.get(key)!r}"
-                     for key in keys if identity.get(key) != other.get(key))
 
 
 # ----------------------------------------------------------------------------- one step
