@@ -120,7 +120,10 @@ def training_curves_figure(run_dir: Path):
         ax.grid(alpha=0.3)
     config = json.loads((run_dir / "config.json").read_text())
     encoder = f"\nencoder: {config['encoder']}" if config.get("encoder") else ""
-    fig.suptitle(f"{run_dir}: {display_name(config['head']['head'])} head{encoder}", fontsize=10)
+    metrics = run_dir / "metrics.json"  # a finished run says how long it trained (a --max-steps run: part of an epoch)
+    trained = json.loads(metrics.read_text()).get("trained") if metrics.is_file() else None
+    fig.suptitle(f"{run_dir}: {display_name(config['head']['head'])} head" + (f", {trained}" if trained else "") + encoder,
+                 fontsize=10)
     return fig
 
 

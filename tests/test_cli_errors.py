@@ -85,6 +85,8 @@ CASES = [
     ("train-batch-size-one", lambda s: _train(s, "--batch-size", "1"), "--batch-size"),
     ("train-val-fraction-one", lambda s: _train(s, "--val-fraction", "1"), "--val-fraction"),
     ("train-dropout-above-one", lambda s: _train(s, "--dropout", "1.5"), "--dropout"),
+    ("train-max-steps-beyond-epochs", lambda s: _train(s, "--epochs", "1", "--max-steps", "1000"), "raise --epochs"),
+    ("ablate-max-steps-negative", lambda s: _ablate(s, "--max-steps", "-1"), "--max-steps"),
     ("ablate-jobs-zero", lambda s: _ablate(s, "--jobs", "0"), "--jobs"),
     ("ablate-seeds-not-numbers", lambda s: _ablate(s, "--seeds", "x"), "--seeds"),
     ("ablate-unknown-sweep", lambda s: _ablate(s, "--sweeps", "radus"), "--sweeps"),

@@ -81,7 +81,7 @@ def test_eval_and_ablate_options_agree_with_the_configs():
                 assert [getattr(given, a) for a in ("min", "max", "min_open", "max_open")] == \
                        [getattr(derived, a) for a in ("min", "max", "min_open", "max_open")], (command.name, name)
     assert {"trials", "seed", "protocol", "noise", "path", "chunk_pairs", "device"} <= shared["eval"]
-    assert {"epochs", "lr", "batch_size", "device"} <= shared["ablate"]
+    assert {"epochs", "max_steps", "lr", "batch_size", "device"} <= shared["ablate"]
 
 
 def test_the_train_command_is_built_without_torch():

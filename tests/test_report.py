@@ -94,6 +94,20 @@ def test_a_sweep_trains_on_a_dask_cluster_and_resumes_there(tiny_features, tmp_p
     assert result.exit_code == 2 and "--scheduler" in result.output and "Traceback" not in result.output
 
 
+def test_ablate_passes_max_steps_to_every_run(tiny_features, tmp_path):
+    result = CliRunner().invoke(main, ["ablate", "--features", str(tiny_features), "--out", str(tmp_path), "--sweeps",
+                                       "trials", "--seeds", "0,1", "--epochs", "1", "--max-steps", "5", "--lr", "1e-3",
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    runs = sorted((tmp_path / "runs").glob("*/seed*"))
+    assert len(runs) == 2
+    for run in runs:
+        assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 5
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["steps"] == 5 and metrics["trained"].startswith("trained 5 steps (0.")
+    assert "; 5 steps, lr 0.001, batch 32." in (tmp_path / "trials.md").read_text()
+
+
 def test_shared_configurations_share_runs():
     keys = {v.name: v.run_key() for s in ("radius", "loss", "trials", "support") for v in SWEEPS[s].variants}
     final = keys["R = W S + b (linear)"]
@@ -141,6 +155,8 @@ def test_report_compares_evaluated_runs(tiny_features, tmp_path):
     n_video = json.loads((runs[1] / "eval.json").read_text())["n_video"]
     assert f"chance t2v R@1 = {100 / n_video:.1f} %" in table and "encoder: " in table
     assert table.count("validation: ") == 2, "each row says what its checkpoint was selected on"
+    per_epoch = json.loads((runs[1] / "config.json").read_text())["pairs"]["train"] // 32  # each row says how long it trained
+    assert "trained 0 steps (0 epochs); best.pt" in table and f"trained {per_epoch} steps (1 epoch); best.pt" in table
     r1 = json.loads((runs[1] / "eval.json").read_text())["t2v"]["R1"]
     assert f"| {r1:.1f} |" in table
     assert all((run / "training-curves.png").exists() for run in runs)

@@ -23,7 +23,9 @@ from tmass.train.folded import fast_dropout, folded_xpool
 from tmass.train.heads import LOGIT_SCALE_MAX, Head, HeadConfig, XPoolFusion
 from tmass.train.losses import batch_losses, build_loss, parse_loss_terms, support_videos
 from tmass.train.losses.infonce import symmetric_infonce
-from tmass.train.trainer import TrainConfig, Trainer, load_checkpoint, lr_at, resolve_configs, train
+from tmass.train.config import build_config, read_config_file
+from tmass.train.trainer import (TrainConfig, Trainer, load_checkpoint, lr_at, resolve_configs, steps_in_words,
+                                 train)
 
 FAST = dict(lr=1e-3, val_fraction=0.0, final_eval=False)  # tiny runs: no validation, no test metrics
 
@@ -366,6 +368,102 @@ def test_validation_selects_best_and_labels_it(tiny_features, tmp_path):
     _, checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
     assert checkpoint["step"] == best["step"] and checkpoint["best"]["R1"] == best["t2v"]["R1"]
     assert config["pairs"]["val"] > 0 and config["selection"].startswith("validation")
+
+
+# ----------------------------------------------------------------------------- step budget (max_steps)
+
+
+BUDGET = TrainConfig(epochs=2, max_steps=40, checkpoint_every=5, **FAST)  # 1.25 of tiny's 2 epochs of 32 steps
+
+
+@pytest.fixture(scope="module")
+def budget_runs(tiny_features, tmp_path_factory):
+    """X-Pool runs of BUDGET (40 steps), of its 2 whole epochs (64 steps) and of a budget
+    of 64 steps under 3 epochs: {name: (run directory, caption rows of every step)}."""
+    root = tmp_path_factory.mktemp("budget")
+    runs, original = {}, Trainer.step
+    for name, cfg in (("steps40", BUDGET), ("epochs2", dataclasses.replace(BUDGET, max_steps=0)),
+                      ("steps64", dataclasses.replace(BUDGET, epochs=3, max_steps=64))):
+        rows = []
+
+        def step(self, batch, rows=rows):
+            rows.append(batch.tolist())
+            return original(self, batch)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Trainer, "step", step)
+            train(tiny_features, root / name, cfg, HeadConfig(head="xpool"), progress=False)
+        runs[name] = (root / name, rows)
+    return runs
+
+
+def test_max_steps_trains_the_first_steps_of_the_epochs_run(budget_runs):
+    """The same pairs in the same batches: 40 steps are the 2-epoch run's first 40
+    (into its second epoch), and a budget of the epochs' own 64 steps is that run, weight
+    for weight, however many epochs it allows."""
+    (short, short_rows), (full, full_rows), (same, same_rows) = (budget_runs[k] for k in ("steps40", "epochs2", "steps64"))
+    assert len(short_rows) == 40 and short_rows == full_rows[:40] and same_rows == full_rows
+    a, b = (torch.load(run / "last.pt", weights_only=False) for run in (full, same))
+    assert a["step"] == b["step"] == 64
+    assert all(torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
+    assert load_checkpoint(short / "last.pt")[1]["step"] == 40
+
+
+def test_max_steps_schedule_spans_the_budget_and_the_run_says_so(budget_runs):
+    run = budget_runs["steps40"][0]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "total" in r]
+    assert lrs == [lr_at(step, 40, BUDGET.lr, BUDGET.warmup_fraction) for step in range(40)]
+    assert max(lrs) == lrs[4] == BUDGET.lr and lrs[-1] < 0.01 * BUDGET.lr  # warm-up 10 % of 40, cosine ends at 40
+    assert records[0]["total_steps"] == 40
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["max_steps"] == 40
+    rerun = build_config(TrainConfig, read_config_file(run / "config.json")["train"], "train")  # --config re-runs it
+    assert (rerun.epochs, rerun.max_steps, rerun.checkpoint_every) == (BUDGET.epochs, 40, BUDGET.checkpoint_every)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["trained"] == "trained 40 steps (1.25 epochs)" and metrics["steps"] == 40 and metrics["epochs"] == 1.25
+    log = (run / "train.log").read_text()
+    assert "epoch 2: mean loss" in log and "over 8 steps (the run ends 24 steps before the epoch's end)" in log
+    assert "epoch 3" not in log
+
+
+def test_steps_in_words():
+    assert steps_in_words(1000, 5625) == "1,000 steps (0.18 epoch)"
+    assert steps_in_words(64, 32) == "64 steps (2 epochs)" and steps_in_words(32, 32) == "32 steps (1 epoch)"
+    assert steps_in_words(1, 5625) == "1 step (0.0002 epoch)" and steps_in_words(0, 32) == "0 steps (0 epochs)"
+
+
+def test_a_resumed_max_steps_run_ends_where_the_uninterrupted_one_does(tiny_features, budget_runs, tmp_path):
+    straight, out = budget_runs["steps40"][0], tmp_path / "resumed"
+    assert train(tiny_features, out, BUDGET, HeadConfig(head="xpool"), progress=False, stop_after=35) == {"stopped_at": 35}
+    assert train(tiny_features, out, BUDGET, HeadConfig(head="xpool"), progress=False, resume=True)["steps"] == 40
+    a, b = (torch.load(run / "last.pt", weights_only=False) for run in (straight, out))
+    assert a["step"] == b["step"] == 40
+    assert all(torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
+    assert (straight / "log.jsonl").read_text() == (out / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match="max_steps: checkpoint 40, now 50"):
+        train(tiny_features, out, dataclasses.replace(BUDGET, max_steps=50), HeadConfig(head="xpool"), progress=False,
+              resume=True)
+
+
+def test_a_run_shorter_than_an_epoch_selects_best_pt_on_validation_up_to_its_last_step(tiny_features, tmp_path):
+    from tmass.evaluate.figures import training_curves_figure
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(epochs=1, max_steps=10, val_every=4, lr=1e-3, val_fraction=0.2, final_eval=False)
+    metrics = train(tiny_features, run, cfg, HeadConfig(head="xpool"), progress=False, evaluate=split_metrics)
+    per_epoch = json.loads((run / "config.json").read_text())["pairs"]["train"] // 32
+    assert per_epoch > 10
+    vals = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("event") == "val"]
+    assert [r["step"] for r in vals] == [4, 8, 10]
+    best = max(vals, key=lambda r: r["t2v"]["R1"])  # first of the ties wins
+    _, checkpoint = load_checkpoint(run / "best.pt")
+    assert checkpoint["step"] == metrics["best"]["step"] == best["step"]
+    assert metrics["trained"] == f"trained 10 steps ({round(10 / per_epoch, 2):g} epoch)"
+    assert metrics["chosen"].startswith(f"best.pt is the state after {best['step']} steps (")
+    curves = training_curves_figure(run)  # a partial epoch: validation drawn up to the last step
+    assert list(curves.axes[1].get_lines()[0].get_xdata()) == [4, 8, 10]
+    assert metrics["trained"] in curves._suptitle.get_text()
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -51,10 +51,10 @@ def _split_lines(evals: list[dict], facts: dict) -> list[str]:
 
 
 def _chosen(run: Path, data: dict) -> str:
-    """Which checkpoint was evaluated and what chose it: the run's own sentence
-    (metrics.json), else the selection label of eval.json."""
-    metrics = run / "metrics.json"
-    chosen = json.loads(metrics.read_text()).get("chosen") if metrics.is_file() else None
+    """How long the run trained and which checkpoint was evaluated and what chose it: the
+    run's own sentences (metrics.json), else the selection label of eval.json."""
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    chosen = "; ".join(metrics[key] for key in ("trained", "chosen") if metrics.get(key))
     return chosen or data.get("selection", "unknown")
 
 

@@ -162,6 +162,7 @@ class SweepConfig:
 
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 5
+    max_steps: int = 0  # > 0: every run stops after this many steps (TrainConfig.max_steps)
     lr: float = 1e-5
     batch_size: int = 32
     jobs: int = 1  # training runs in parallel (processes); threads are split between them
@@ -343,8 +344,9 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
                 if target in seen:
                     continue
                 seen.add(target)
-                train_overrides = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": seed,
-                                   "final_eval": False, "device": cfg.device, **variant.train}
+                train_overrides = {"epochs": cfg.epochs, "max_steps": cfg.max_steps, "lr": cfg.lr,
+                                   "batch_size": cfg.batch_size, "seed": seed, "final_eval": False, "device": cfg.device,
+                                   **variant.train}
                 jobs.append((str(features_for(variant)), str(target), variant.head, train_overrides, threads))
     if cfg.scheduler:
         run_on_cluster(cfg.scheduler, jobs)
@@ -400,7 +402,7 @@ def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig, p
         f"## {sweep.title}",
         "",
         f"Text-to-video on the test split, {PROTOCOL} protocol, mean ± std over seeds {list(cfg.seeds)}; "
-        f"{cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}.",
+        f"{f'{cfg.max_steps:,} steps' if cfg.max_steps else f'{cfg.epochs} epochs'}, lr {cfg.lr:g}, batch {cfg.batch_size}.",
         "",
         *(f"- {line}" for line in provenance_lines(prov)),
         "",
@@ -427,6 +429,8 @@ def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig, p
                    "losses (every registered loss x meanP, X-Pool, T-MASS).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma list of seeds; tables show mean ± std.")
 @click.option("--epochs", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Stop every run after this many optimiser steps (0: the epochs decide); --epochs must hold them.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Training runs in parallel (processes).")
@@ -437,7 +441,7 @@ def _write_tables(sweep: Sweep, rows: list[dict], out: Path, cfg: SweepConfig, p
                    "at a time, or per GPU where workers declare --resources GPU=1; --out must be on a file system the "
                    "workers share. Instead of --jobs.")
 @click.pass_context
-def ablate(ctx, features, out, sweeps, seeds, epochs, lr, batch_size, jobs, with_reference, device, scheduler):
+def ablate(ctx, features, out, sweeps, seeds, epochs, max_steps, lr, batch_size, jobs, with_reference, device, scheduler):
     """Run the paper's ablations as sweeps on cached features; finished runs are reused."""
     from tmass.features.format import FeatureFormatError
 
@@ -454,7 +458,7 @@ def ablate(ctx, features, out, sweeps, seeds, epochs, lr, batch_size, jobs, with
         raise click.BadParameter(f"{seeds!r} is not a comma list of integers, e.g. 0,1,2", param_hint="--seeds") from None
     if not seed_list:
         raise click.BadParameter("give at least one seed, e.g. 0,1,2", param_hint="--seeds")
-    cfg = SweepConfig(seeds=seed_list, epochs=epochs, lr=lr, batch_size=batch_size,
+    cfg = SweepConfig(seeds=seed_list, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
                       jobs=jobs, with_reference=with_reference, device=device, scheduler=scheduler)
     try:
         results = run_sweeps(names, features, out, cfg)

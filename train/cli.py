@@ -91,7 +91,7 @@ def train(ctx, features, out, config_file, resume, stop_after, progress, **optio
     except FeatureFormatError as exc:  # the test split, read after the train split
         raise click.ClickException(exc.summary()) from exc
     if "chosen" in metrics:  # a finished run (not one stopped by --stop-after)
-        click.echo(f"encoder: {metrics['encoder']}\n{metrics['chosen']}")
+        click.echo(f"encoder: {metrics['encoder']}\n{metrics['trained']}; {metrics['chosen']}")
     if "test" in metrics:
         t2v, v2t = metrics["test"]["t2v"], metrics["test"]["v2t"]
         click.echo(f"test t2v R@1 {t2v['R1']:.1f} R@5 {t2v['R5']:.1f} R@10 {t2v['R10']:.1f} MdR {t2v['MdR']:g} MnR {t2v['MnR']:.1f}"

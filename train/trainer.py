@@ -87,6 +87,11 @@ class TrainConfig:
     learning rate of MSR-VTT, which is 3e-5 in the reference)."""
 
     epochs: int = setting(5, bounds="[0, inf)", help="Passes over the training pairs; 0 writes the initial model (baselines, audits).")
+    max_steps: int = setting(
+        0, bounds="[0, inf)",
+        help="Stop after this many optimiser steps (0: the epochs decide): the same pairs and batches as the epochs' "
+             "first steps, the warm-up and cosine schedule spanning these steps, validation also at the last one. "
+             "--epochs must hold them (an error says how many epochs they need).")
     batch_size: int = setting(32, bounds="[2, inf)", help="Caption-video pairs per optimiser step (at least 2: a contrastive batch needs negatives).")
     lr: float = setting(1e-5, bounds="(0, inf)", help="Peak learning rate (the reference uses 3e-5 on MSR-VTT).")
     weight_decay: float = setting(0.2, bounds="[0, inf)", help="AdamW weight decay, on every parameter but the logit scale.")
@@ -187,16 +192,21 @@ class Trainer:
         self.steps_per_epoch = len(data) // cfg.batch_size  # the last, incomplete batch is dropped
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(data)} training pairs are fewer than one batch of {cfg.batch_size}")
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps > cfg.epochs * self.steps_per_epoch:
+            raise ValueError(f"--max-steps {cfg.max_steps} needs {-(-cfg.max_steps // self.steps_per_epoch)} epochs of "
+                             f"{self.steps_per_epoch} steps, --epochs is {cfg.epochs}: raise --epochs or lower --max-steps")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch  # the schedule spans these
+        self.epochs = -(-self.total_steps // self.steps_per_epoch)  # those it enters; the last may end early
         self.step_count = 0  # optimiser steps done
         self.losses = torch.compile(batch_losses) if cfg.compile else batch_losses
 
-    def epoch_batches(self, epoch: int, start: int = 0):
-        """Caption rows of batches ``start ..`` of epoch ``epoch``, each ``[batch_size]``, on
-        the data's device (the epoch's order is moved there once)."""
+    def epoch_batches(self, epoch: int, start: int = 0, stop: int | None = None):
+        """Caption rows of batches ``start .. stop`` (default: the epoch's end) of epoch
+        ``epoch``, each ``[batch_size]``, on the data's device (the epoch's order is moved
+        there once). A shorter run takes the same batches, fewer of them."""
         order = epoch_order(len(self.data), self.cfg.seed, epoch).to(self.data.device)
         size = self.cfg.batch_size
-        for i in range(start, self.steps_per_epoch):
+        for i in range(start, self.steps_per_epoch if stop is None else stop):
             yield order[i * size : (i + 1) * size]
 
     def step(self, rows: torch.Tensor) -> dict:
@@ -397,13 +407,21 @@ def _r1(metrics: dict) -> float:
     return float(metrics["t2v"]["R1"])
 
 
-def _chosen(best: dict | None, cfg: TrainConfig) -> str:
+def steps_in_words(steps: int, steps_per_epoch: int) -> str:
+    """``1,000 steps (0.18 epoch)``: optimiser steps and the epochs they make."""
+    epochs = steps / steps_per_epoch
+    shown = f"{epochs:.2f}".rstrip("0").rstrip(".") if epochs >= 0.01 or epochs == 0 else f"{epochs:.1g}"
+    return f"{steps:,} step{'s' * (steps != 1)} ({shown} epoch{'s' * (epochs == 0 or epochs > 1)})"
+
+
+def _chosen(best: dict | None, trainer: Trainer) -> str:
     """Which state best.pt holds and what chose it, in one sentence (train.log, metrics.json)."""
+    selection = trainer.cfg.selection
     if best is None:
-        return f"best.pt is the last state ({cfg.selection})"
+        return f"best.pt is the last state ({selection})"
     where = f"{best['captions']} captions x {best['videos']} videos" if "captions" in best else best["split"]
-    return (f"best.pt is epoch {best['epoch']:g} of {cfg.epochs} (step {best['step']}), chosen by t2v R@1 "
-            f"{best['R1']:.2f} on {best['split']} ({where}; {cfg.selection})")
+    return (f"best.pt is the state after {steps_in_words(best['step'], trainer.steps_per_epoch)} of "
+            f"{trainer.total_steps:,}, chosen by t2v R@1 {best['R1']:.2f} on {best['split']} ({where}; {selection})")
 
 
 def train(
@@ -424,8 +442,10 @@ def train(
     R@1 on a hold-out of the train split's videos (``val_fraction``), or on the test split
     when ``select_on="test"`` (then every output says so), or is the last state when there
     is no validation. ``resume`` continues from ``out/last.pt`` (configs must match).
-    ``stop_after`` ends the run after that many steps, writing ``last.pt`` (a planned
-    interruption). ``evaluate`` computes validation and final test metrics (see
+    ``cfg.max_steps`` makes the run that many steps long, however far into an epoch that
+    is (the schedule spans them; the last step validates and checkpoints as an epoch's end
+    does). ``stop_after`` ends the run after that many steps, writing ``last.pt`` (a
+    planned interruption). ``evaluate`` computes validation and final test metrics (see
     :data:`Evaluator`); it may be None only when there are none (``val_fraction=0`` and
     ``final_eval=False``). Returns the metrics written to ``metrics.json``.
     """
@@ -483,7 +503,8 @@ def train(
     try:
         if not resume:
             log.record({"event": "start", "step": 0, "selection": cfg.selection, "total_steps": trainer.total_steps})
-            log.say(f"start: {head_cfg.head} on {features}, {trainer.total_steps} steps; selection: {cfg.selection}")
+            log.say(f"start: {head_cfg.head} on {features}, {steps_in_words(trainer.total_steps, trainer.steps_per_epoch)};"
+                    f" selection: {cfg.selection}")
         else:
             log.say(f"resumed at step {trainer.step_count}")
 
@@ -510,31 +531,37 @@ def train(
         if not resume:  # the initial model (--epochs 0: untrained baselines, audits); the
             checkpoint(best_too=True)  # first validation replaces best.pt
         first_epoch, first_batch = divmod(trainer.step_count, trainer.steps_per_epoch)
-        for epoch in range(first_epoch, cfg.epochs):
+        for epoch in range(first_epoch, trainer.epochs):
             start = first_batch if epoch == first_epoch else 0
-            bar = tqdm(trainer.epoch_batches(epoch, start), total=trainer.steps_per_epoch, initial=start,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress)
+            stop = min(trainer.steps_per_epoch, trainer.total_steps - epoch * trainer.steps_per_epoch)
+            bar = tqdm(trainer.epoch_batches(epoch, start, stop), total=stop, initial=start,
+                       desc=f"epoch {epoch + 1}/{trainer.epochs}", unit="step", disable=not progress)
             epoch_loss = []
             for rows in bar:
                 record = trainer.step(rows)
                 log.record(record)
                 epoch_loss.append(record["total"])
                 bar.set_postfix(loss=f"{record['total']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-                end_of_epoch = trainer.step_count % trainer.steps_per_epoch == 0
-                if end_of_epoch or (cfg.val_every and trainer.step_count % cfg.val_every == 0):
+                # a --max-steps run may end inside an epoch: it validates and checkpoints there too
+                end = trainer.step_count % trainer.steps_per_epoch == 0 or trainer.step_count == trainer.total_steps
+                if end or (cfg.val_every and trainer.step_count % cfg.val_every == 0):
                     validate()
-                if end_of_epoch or trainer.step_count % cfg.checkpoint_every == 0 or trainer.step_count == stop_after:
+                if end or trainer.step_count % cfg.checkpoint_every == 0 or trainer.step_count == stop_after:
                     checkpoint()
                 if trainer.step_count == stop_after:
                     log.say(f"stopped after step {stop_after} (stop_after); resume to continue")
                     return {"stopped_at": stop_after}
             bar.close()
             if epoch_loss:
-                log.say(f"epoch {epoch + 1}: mean loss {sum(epoch_loss) / len(epoch_loss):.4f} over {len(epoch_loss)} steps")
+                log.say(f"epoch {epoch + 1}: mean loss {sum(epoch_loss) / len(epoch_loss):.4f} over {len(epoch_loss)} "
+                        f"steps" + (f" (the run ends {trainer.steps_per_epoch - stop} steps before the epoch's end)"
+                                    if stop < trainer.steps_per_epoch else ""))
 
-        metrics = {"selection": cfg.selection, "chosen": _chosen(run["best"], cfg), "encoder": config["encoder"],
-                   "steps": trainer.step_count, "best": run["best"],
-                   "train_seconds_this_session": round(time.perf_counter() - started, 2)}
+        metrics = {"selection": cfg.selection, "chosen": _chosen(run["best"], trainer), "encoder": config["encoder"],
+                   "trained": f"trained {steps_in_words(trainer.step_count, trainer.steps_per_epoch)}",
+                   "steps": trainer.step_count, "epochs": trainer.step_count / trainer.steps_per_epoch,
+                   "best": run["best"], "train_seconds_this_session": round(time.perf_counter() - started, 2)}
+        log.say(metrics["trained"])
         log.say(metrics["chosen"])
         if cfg.final_eval:
             best_head, best_ckpt = load_checkpoint(out / "best.pt", device)
