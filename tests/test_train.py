@@ -19,7 +19,7 @@ from tmass.cli import main
 from tmass.evaluate import split_metrics
 from tmass.features.format import load_split
 from tmass.train.data import Batch, PairData, epoch_order, held_out_videos, split_validation, subset_videos
-from tmass.train.folded import fast_dropout, folded_xpool
+from tmass.train.folded import dropout_mask, folded_xpool
 from tmass.train.heads import LOGIT_SCALE_MAX, Head, HeadConfig, XPoolFusion
 from tmass.train.losses import batch_losses, build_loss, parse_loss_terms, support_videos
 from tmass.train.losses.infonce import symmetric_infonce
@@ -165,40 +165,46 @@ def test_support_video_paired_depends_on_the_pair_only():
 
 @pytest.mark.parametrize("num_heads", [1, 2])
 def test_folded_xpool_equals_the_module(num_heads):
-    """Same values and gradients as XPoolFusion.forward, in eval mode and in train mode
-    with dropout off, with a padded clip."""
+    """Same values and gradients as XPoolFusion.forward, in eval mode, and in train mode
+    with dropout off and with dropout on (the module given the folded path's mask), with
+    a padded clip."""
     torch.manual_seed(0)
     fusion = XPoolFusion(HeadConfig(head="xpool", embed_dim=16, num_frames=4, num_heads=num_heads))
     with torch.no_grad():  # leave the identity init so every term matters
         for p in fusion.parameters():
             p.add_(0.1 * torch.randn_like(p))
     text, frames, mask = _batch()
-    for mode, rate in (("eval", 0.3), ("train", 0.0)):
+    for mode, rate in (("eval", 0.3), ("train", 0.0), ("train", 0.3)):
         getattr(fusion, mode)()
         fusion.dropout.p = rate
         outputs, grads = [], []
-        for fn in (fusion, lambda *a: folded_xpool(fusion, *a)):
+        for path in ("module", "folded"):
             fusion.zero_grad()
-            out = fn(text, frames, mask)
+            torch.manual_seed(1)
+            if path == "module":
+                kept = dropout_mask(fusion.dropout, (len(text), len(frames), 16))
+                if kept is not None:  # the module's own dropout, with the mask the folded path draws
+                    fusion.dropout.forward = lambda x, kept=kept: x * kept / (1 - rate)
+                out = fusion(text, frames, mask)
+                vars(fusion.dropout).pop("forward", None)
+            else:
+                out = folded_xpool(fusion, text, frames, mask)
             (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
             outputs.append(out.detach())
             grads.append(torch.cat([p.grad.flatten() for p in fusion.parameters()]))
-        assert torch.allclose(outputs[0], outputs[1], atol=1e-5), mode
-        assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4), mode
+        assert torch.allclose(outputs[0], outputs[1], atol=1e-5), (mode, rate)
+        assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4), (mode, rate)
 
 
-def test_fast_dropout_has_the_distribution_of_nn_dropout():
+def test_dropout_mask_has_the_distribution_of_nn_dropout():
     dropout = torch.nn.Dropout(0.3)
-    x = torch.ones(400, 1000)
     torch.manual_seed(0)
-    y = fast_dropout(x, dropout)
-    kept = y != 0
-    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.005)
-    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
-    assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # unbiased, like inverted dropout
+    kept = dropout_mask(dropout, (400, 1000))
+    assert kept.dtype == torch.float32 and set(kept.unique().tolist()) == {0.0, 1.0}
+    assert kept.mean().item() == pytest.approx(0.7, abs=0.005)
     torch.manual_seed(0)
-    assert torch.equal(fast_dropout(x, dropout), y)  # draws from torch's global generator
-    assert fast_dropout(x, dropout.eval()) is x
+    assert torch.equal(dropout_mask(dropout, (400, 1000)), kept)  # draws from torch's global generator
+    assert dropout_mask(dropout.eval(), (400, 1000)) is None
 
 
 # ----------------------------------------------------------------------------- data
