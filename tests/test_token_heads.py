@@ -128,6 +128,86 @@ def test_prota_scores_are_the_mean_path_and_training_samples():
     assert not torch.isclose(a, b)  # the adaptive contrastive term is on sampled tokens
 
 
+def _prota_by_the_equations(head, text, video):
+    """ProTA's score pair by pair, as its module doc writes it: ``[n_text, n_video]``."""
+    tau, rows = head.cfg.match_temperature, []
+    for t in range(len(text)):
+        w = text.tokens[t][text.token_mask[t]]  # the caption's real words
+        pi = head.word_importance(w).squeeze(-1).softmax(-1)
+        row = []
+        for v in range(len(video)):
+            f = video.frames[v][video.frame_mask[v]]  # the video's real frames
+
+            def pa(a, b):
+                c = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T  # C_kj
+                return (pi * ((c / tau).softmax(-1) * c).sum(-1)).sum()
+
+            row.append((pa(w, f) + pa(head.project_text(w), head.project_video(f))) / 2)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def _tc_mgc_by_the_equations(head, text, video):
+    """TC-MGC's granularities pair by pair, as its module doc writes them: ``[n_text, n_video, 3]``."""
+    tau, n = head.cfg.attention_temperature, head.cfg.max_words
+    rows = []
+    for t in range(len(text)):
+        s, w = F.normalize(text.embedding[t], dim=-1), F.normalize(text.tokens[t, :n], dim=-1)
+        row = []
+        for v in range(len(video)):
+            f, mask = F.normalize(video.frames[v], dim=-1), video.frame_mask[v]
+
+            def attend(x):  # cos(x, f~) for rows x [n, dim]
+                q = x @ f.T + head.query_words(x) @ head.query_frames(f).T  # q(x, f_j)
+                weights = (q / tau).masked_fill(~mask, float("-inf")).softmax(-1)
+                return F.cosine_similarity(x, weights @ f, dim=-1)
+
+            s_sf = head.isa_frames(f @ s, mask)
+            s_wf = head.isa_words(attend(w), text.token_mask[t, :n])
+            row.append(torch.stack((attend(s[None])[0], s_sf, s_wf)))
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name,fields", [("prota", {}), ("tc-mgc", {}), ("tc-mgc", {"sr": False, "lsa": False})])
+def test_the_word_frame_heads_compute_their_equations(monkeypatch, name, fields):
+    """ProTA's and TC-MGC's blocked, batched scoring equals their equations written out
+    pair by pair, in evaluation (blocks of one video on two threads) and in training (one
+    block), gradients included."""
+    import tmass.train.heads.base as base
+
+    spec = head_spec(name)
+    text, _, video, _ = random_features(spec, 5, 6, 0)
+    torch.manual_seed(0)
+    head = _build(name, frames=video.frames.shape[1], **fields)
+    with torch.no_grad():  # off the zero init, so that every learned term takes part
+        for param in head.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    by_pair = ((lambda h, t, v: h.combine(_tc_mgc_by_the_equations(h, t, v))) if name == "tc-mgc"
+               else _prota_by_the_equations)
+
+    reference = by_pair(head, text, video)
+    reference.sum().backward()
+    expected_grads = [p.grad for p in head.parameters()]
+    head.zero_grad(set_to_none=True)
+    head.score(text, video).sum().backward()  # training: gradients through one block
+    for param, expected in zip(head.parameters(), expected_grads):
+        if expected is None:  # a parameter scoring does not use (the logit scale, ProTA's sigma)
+            assert param.grad is None
+        else:
+            torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(base, "BLOCK_ELEMENTS", 1)
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            blocked = head.eval().score(text, video)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(blocked, reference.detach(), rtol=0, atol=1e-5)
+
+
 def test_the_tc_mgc_sweep_switches_sr_sdr_lsa_and_shares_the_heads_run():
     from tmass.sweep import SWEEPS, heads_sweep
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmass.train.config import setting
-from tmass.train.heads.base import RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter
+from tmass.train.heads.base import RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter, map_video_blocks
 from tmass.train.registry import BaseHeadConfig, HeadSpec
 
 INITIAL_SIGMA = 0.05  # softplus(b_s) at init: small next to a unit token's low_dim ** -0.5 entries
@@ -105,11 +105,28 @@ class ProTA(RetrievalHead):
 
     def _aggregate(self, a: torch.Tensor, b: torch.Tensor, fmask, pi) -> torch.Tensor:
         """PA of unit tokens a ``[n_text, n_token, d]`` and b ``[n_video, n_frames, d]`` ->
-        ``[n_text, n_video]``."""
-        c = torch.einsum("tkd,vjd->tvkj", a, b)  # [n_text, n_video, n_token, n_frames]
-        padding = torch.zeros(fmask.shape, dtype=c.dtype, device=c.device).masked_fill_(~fmask, float("-inf"))
-        related = torch.softmax(c / self.cfg.match_temperature + padding[None, :, None, :], dim=-1)
-        return torch.einsum("tk,tvk->tv", pi, (related * c).sum(-1))
+        ``[n_text, n_video]``.
+
+        Every word against every frame is one GEMM per block of videos
+        (:func:`~tmass.train.heads.base.map_video_blocks`), C/tau as ``[n_vb, n_frames,
+        n_text * n_token]``: frames in the middle, so that the softmax's max and sums
+        over frames run along contiguous rows of words; 1/tau is folded into the words.
+        ``tests/test_token_heads.py`` holds this equal to the equations, written out."""
+        tau = self.cfg.match_temperature
+        n_text, n_token, _ = a.shape
+        n_video, n_frames, _ = b.shape
+        words = a.flatten(0, 1).T / tau  # [d, n_text * n_token]
+        padding = None if bool(fmask.all()) else torch.zeros(
+            fmask.shape, dtype=a.dtype, device=a.device).masked_fill_(~fmask, float("-inf"))[..., None]
+
+        def block(vs: slice) -> torch.Tensor:
+            c = (b[vs].flatten(0, 1) @ words).view(-1, n_frames, n_text * n_token)  # C/tau [n_vb, n_frames, n_text * n_token]
+            logits = c if padding is None else c + padding[vs]
+            related = (logits - logits.amax(1, keepdim=True)).exp_()  # unnormalised softmax over frames
+            r = (related * c).sum(1) / related.sum(1) * tau  # r_k [n_vb, n_text * n_token]
+            return (r.view(-1, n_text, n_token) * pi).sum(-1)  # [n_vb, n_text]
+
+        return torch.cat(map_video_blocks(block, n_video, n_frames * n_text * n_token)).T
 
     def score(self, text: TextFeatures, video: VideoFeatures, eps: torch.Tensor | None = None) -> torch.Tensor:
         """s(t, v) = 1/2 (PA_high + PA_low on the token means), ``[n_text, n_video]``."""

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmass.train.config import setting
-from tmass.train.heads.base import RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter
+from tmass.train.heads.base import RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter, map_video_blocks
 from tmass.train.registry import BaseHeadConfig, HeadSpec
 
 GRANULARITIES = ("sentence-video", "sentence-frame", "word-frame")
@@ -132,31 +132,52 @@ class TCMGC(RetrievalHead):
         self.log_logit_scale = logit_scale_parameter(cfg.logit_scale)
 
     def granularities(self, text: TextFeatures, video: VideoFeatures) -> torch.Tensor:
-        """The three similarities s_sv, s_sf, s_wf of every pair: ``[n_text, n_video, 3]``."""
-        tau = self.cfg.attention_temperature
+        """The three similarities s_sv, s_sf, s_wf of every pair: ``[n_text, n_video, 3]``.
+
+        Computed a block of videos at a time (:func:`~tmass.train.heads.base.map_video_blocks`),
+        against every caption: one GEMM per block gives every word (and sentence) against
+        every frame as ``[n_vb, n_frames, n_text * n]``, frames in the middle so that the
+        softmax over frames runs along contiguous rows. With e the unnormalised softmax
+        weights, |f~| = sqrt(e^T G e) / sum e (G the frames' Gram matrix, a batched GEMM),
+        so no pooled frame ``[.., dim]`` is formed. ``tests/test_token_heads.py`` holds this
+        equal to the equations, written out."""
+        tau, max_words = self.cfg.attention_temperature, self.cfg.max_words
+        n_text = len(text.embedding)
         s = F.normalize(text.embedding, dim=-1)  # [n_text, dim]
-        words = F.normalize(text.tokens[:, : self.cfg.max_words], dim=-1)  # [n_text, n_token, dim]
-        word_mask = text.token_mask[:, : self.cfg.max_words]
-        f = F.normalize(video.frames, dim=-1)  # [n_video, n_frames, dim]
-        fmask = video.frame_mask if video.frame_mask is not None else torch.ones(f.shape[:2], dtype=torch.bool,
-                                                                                 device=f.device)
-        gram = torch.einsum("vjd,vld->vjl", f, f)  # [n_video, n_frames, n_frames]
-        keys = self.query_frames(f)  # [n_video, n_frames, query_rank]
+        words = F.normalize(text.tokens[:, :max_words], dim=-1)  # [n_text, n_token, dim]
+        word_mask = text.token_mask[:, :max_words]
+        n_token = words.shape[1]
+        # per text, once: rows (x) and their query terms (U x), [dim | query_rank, n_text * n]
+        sentences, sentence_queries = s.T, self.query_words(s).T
+        word_rows, word_queries = words.flatten(0, 1).T, self.query_words(words).flatten(0, 1).T
+        n_frames = video.frames.shape[1]
 
-        def attend(x: torch.Tensor) -> torch.Tensor:
-            """cos(x, sum_j softmax_j(q(x, f_j)/tau) f_j) for x ``[n_text, n, dim]`` -> ``[n_text, n_video, n]``."""
-            dots = torch.einsum("tnd,vjd->tvnj", x, f)  # [n_text, n_video, n, n_frames]
-            logits = (dots + torch.einsum("tnr,vjr->tvnj", self.query_words(x), keys)) / tau
-            weights = _masked_softmax(logits, fmask[None, :, None, :])
-            norm = torch.einsum("tvnj,vjl,tvnl->tvn", weights, gram, weights).clamp_min(1e-12).sqrt()
-            return (weights * dots).sum(-1) / norm
+        def block(vs: slice) -> torch.Tensor:
+            """The videos ``vs`` against every caption: ``[n_vb, n_text, 3]``."""
+            f = F.normalize(video.frames[vs], dim=-1)  # [n_vb, n_frames, dim]
+            fmask = None if video.frame_mask is None or bool(video.frame_mask[vs].all()) else video.frame_mask[vs]
+            gram, keys = f @ f.transpose(1, 2), self.query_frames(f)  # [n_vb, n_frames, n_frames | query_rank]
 
-        s_sv = attend(s[:, None, :])[..., 0]  # [n_text, n_video]
-        x_sf = torch.einsum("td,vjd->tvj", s, f)  # [n_text, n_video, n_frames]
-        s_sf = self.isa_frames(x_sf, fmask[None].expand_as(x_sf))
-        x_wf = attend(words)  # [n_text, n_video, n_token]
-        s_wf = self.isa_words(x_wf, word_mask[:, None, :].expand_as(x_wf))
-        return torch.stack((s_sv, s_sf, s_wf), dim=-1)
+            def attend(rows: torch.Tensor, queries: torch.Tensor):
+                """cos(x, f~) for the rows x: ``[n_vb, n_rows]``, and <x, f_j> ``[n_vb, n_frames, n_rows]``."""
+                dots = f @ rows
+                logits = torch.baddbmm(dots, keys, queries.expand(len(f), -1, -1), beta=1 / tau, alpha=1 / tau)
+                if fmask is not None:
+                    logits = logits.masked_fill(~fmask[..., None], float("-inf"))
+                e = (logits - logits.amax(1, keepdim=True)).exp_()
+                total = e.sum(1)
+                norm = ((gram @ e * e).sum(1) / total.square()).clamp_min(1e-12).sqrt()
+                return (e * dots).sum(1) / total / norm, dots
+
+            s_sv, x_sf = attend(sentences, sentence_queries)  # [n_vb, n_text], [n_vb, n_frames, n_text]
+            x_sf = x_sf.transpose(1, 2)  # [n_vb, n_text, n_frames]
+            all_frames = torch.ones((), dtype=torch.bool, device=f.device)
+            s_sf = self.isa_frames(x_sf, (all_frames if fmask is None else fmask[:, None, :]).expand_as(x_sf))
+            x_wf = attend(word_rows, word_queries)[0].view(len(f), n_text, n_token)  # [n_vb, n_text, n_token]
+            s_wf = self.isa_words(x_wf, word_mask[None].expand_as(x_wf))
+            return torch.stack((s_sv, s_sf, s_wf), dim=-1)
+
+        return torch.cat(map_video_blocks(block, len(video.frames), n_frames * n_text * n_token)).transpose(0, 1)
 
     def combine(self, sims: torch.Tensor) -> torch.Tensor:
         """LSA (or the mean) of ``[..., 3]`` -> ``[...]``."""
