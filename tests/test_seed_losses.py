@@ -182,6 +182,20 @@ def test_kendall_hand_computed():
         1 - math.tanh(0.2), rel=1e-6)
 
 
+def test_lists_without_items_outside_them_take_the_short_path_to_the_same_values():
+    """valid None (every item in every list, as when no two captions share a video) skips
+    the masks; the values are those of an all-True valid. Without shared videos the
+    pseudo labels skip the max over a video's captions, with the same labels."""
+    scores = _random_cos(6, seed=9)[:, :5]  # 6 lists of 5 items
+    relevance = torch.rand(6, 5, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    valid = torch.ones(6, 5, dtype=torch.bool)
+    assert torch.equal(smooth_ndcg(scores, relevance, None, 3, 0.2), smooth_ndcg(scores, relevance, valid, 3, 0.2))
+    assert torch.equal(kendall_ranking(scores, relevance, None, 2, 0.05, 0.3),
+                       kendall_ranking(scores, relevance, valid, 2, 0.05, 0.3))
+    text = torch.randn(5, 8, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(caption_relevance(text, None, 0.5), caption_relevance(text, torch.eye(5, dtype=torch.bool), 0.5))
+
+
 @pytest.mark.parametrize("name", ["unified", "selhn", "triplet-sn", "kendall-rank", "s-ndcg-lists"])
 def test_gradcheck_float64(name):
     cos = _random_cos(5, seed=5).requires_grad_()

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tmass.train.config import setting
 from tmass.train.data import Batch
@@ -49,39 +50,75 @@ def soft_negative_triplet(cos: torch.Tensor, positives: torch.Tensor, margin: fl
     """cos ``[n, n]`` text-major with pair i on the diagonal, positives ``[n, n]`` bool ->
     (mean over texts, mean over videos) of the softly mined hinge above."""
     positive = cos.diagonal()  # [n]
+    # a positive's hinge is -inf, clamped to 0: its weight is 0 anyway
+    negatives = cos.masked_fill(positives, float("-inf"))
+    sims = torch.stack([negatives, negatives.T])  # [direction (t2v, v2t), anchor, candidate]: both at once
+    hinge = (margin + sims - positive[:, None]).clamp_min(0)
+    weights = torch.softmax(sims / temperature, dim=2)
+    # an anchor without negatives: NaN weights -> 0
+    t2v, v2t = (weights.nan_to_num(0.0) * hinge).sum(dim=2).mean(dim=1)
+    return t2v, v2t
 
-    def direction(sims: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:  # [anchor, candidate]
-        hinge = (margin + sims - positive[:, None]).clamp_min(0)
-        weights = torch.softmax(sims.masked_fill(positives, float("-inf")) / temperature, dim=1)
-        return (weights.nan_to_num(0.0) * hinge).sum(dim=1)  # an anchor without negatives: NaN weights -> 0
 
-    return direction(cos, positives).mean(), direction(cos.T, positives.T).mean()
+@dataclass
+class KendallLabels:
+    """What the smooth Kendall loss reads from a batch's lists besides the scores, made
+    once per batch. Only the order among equal labels depends on the scores, so the
+    labels in sorted order, and with them which pairs count, do not.
+
+    ``label`` ``[n_list, n_item]``: the pseudo labels, -inf outside the list (sorted
+    last); ``unusable`` ``[n_list, n_item, window]`` bool: item p of a sorted list and
+    item p + 1 + w form no counted pair; ``weight`` ``[n_list, n_item]``: 1 / n for the n items
+    with a counted pair, 0 for the rest (None when no pair counts)."""
+
+    label: torch.Tensor
+    unusable: torch.Tensor
+    weight: torch.Tensor | None
 
 
-def kendall_ranking(scores: torch.Tensor, relevance: torch.Tensor, valid: torch.Tensor, window: int,
-                    label_noise: float, temperature: float) -> torch.Tensor:
-    """``1 - tau`` (smooth Kendall, SW-HS; see the module docstring) over lists.
+def _after(x: torch.Tensor, window: int, pad: float) -> torch.Tensor:
+    """``[n_list, n_item, window]``: for item p of each list, items p + 1 .. p + window
+    (``pad`` past the end); a view of the padded lists."""
+    return F.pad(x, (0, window), value=pad)[:, 1:].unfold(1, window, 1)
 
-    scores, relevance ``[n_list, n_item]`` (predicted similarity, pseudo label), valid
-    ``[n_list, n_item]`` bool (items in the list). Returns a scalar; 0 (with a gradient
-    path) when no pair qualifies."""
-    n_item = scores.shape[1]
+
+def kendall_labels(relevance: torch.Tensor, valid: torch.Tensor | None, window: int,
+                   label_noise: float) -> KendallLabels:
+    """The labels of lists with relevance ``[n_list, n_item]`` and valid ``[n_list,
+    n_item]`` bool (items in the list; None: every item)."""
+    with torch.no_grad():
+        label = relevance if valid is None else relevance.masked_fill(~valid, float("-inf"))
+        ranked = label.sort(dim=1, descending=True).values
+        if valid is not None:
+            # sorted, an item outside the list is +inf, as the padding: no pair with one
+            # of them clears label_noise (r - inf is -inf, inf - inf NaN)
+            ranked = ranked.nan_to_num(neginf=float("inf"))
+        usable = ranked[:, :, None] - _after(ranked, window, float("inf")) > label_noise
+        counted = usable.any(dim=2)  # [n_list, n_item]
+        n = int(counted.sum())
+        return KendallLabels(label, ~usable, counted.to(relevance.dtype) / n if n else None)
+
+
+def kendall_rank(scores: torch.Tensor, labels: KendallLabels, temperature: float) -> torch.Tensor:
+    """``1 - tau`` (smooth Kendall, SW-HS; see the module docstring) of lists with scores
+    ``[n_list, n_item]``. Returns a scalar; 0 (with a gradient path) when no pair counts."""
+    if labels.weight is None:
+        return scores.sum() * 0.0
     # order each list by label, ties by the model's score, both descending
     by_score = torch.argsort(scores.detach(), dim=1, descending=True)
-    label = relevance.gather(1, by_score).masked_fill(~valid.gather(1, by_score), float("-inf"))
-    order = by_score.gather(1, torch.argsort(label, dim=1, descending=True, stable=True))
-    s, r, v = scores.gather(1, order), relevance.gather(1, order), valid.gather(1, order)
-    # item p against items p + 1 .. p + window, as one gather: partner [n_item, window]
-    partner = torch.arange(n_item, device=scores.device)[:, None] + torch.arange(1, window + 1, device=scores.device)
-    inside = partner < n_item
-    partner = partner.clamp_max(n_item - 1)
-    agree = torch.tanh((s[:, :, None] - s[:, partner]) / temperature)  # [n_list, n_item, window]
-    usable = inside & v[:, :, None] & v[:, partner] & (r[:, :, None] - r[:, partner] > label_noise)
-    hardest = agree.masked_fill(~usable, 2.0).amin(dim=2)  # [n_list, n_item]; 2 > any tanh
-    counted = usable.any(dim=2)
-    if not counted.any():
-        return scores.sum() * 0.0
-    return 1.0 - hardest[counted].mean()
+    by_label = labels.label.gather(1, by_score).argsort(dim=1, descending=True, stable=True)
+    s = scores.gather(1, by_score.gather(1, by_label))  # [n_list, n_item]
+    agree = torch.tanh((s[:, :, None] - _after(s, labels.unusable.shape[2], 0.0)) / temperature)
+    hardest = agree.masked_fill(labels.unusable, 2.0).amin(dim=2)  # [n_list, n_item]; 2 > any tanh
+    return 1.0 - (hardest * labels.weight).sum()
+
+
+def kendall_ranking(scores: torch.Tensor, relevance: torch.Tensor, valid: torch.Tensor | None, window: int,
+                    label_noise: float, temperature: float) -> torch.Tensor:
+    """``1 - tau`` over lists: scores, relevance ``[n_list, n_item]`` (predicted
+    similarity, pseudo label), valid ``[n_list, n_item]`` bool (items in the list; None:
+    every item)."""
+    return kendall_rank(scores, kendall_labels(relevance, valid, window, label_noise), temperature)
 
 
 @dataclass(frozen=True)
@@ -131,8 +168,12 @@ class Kendall(PseudoLabelLoss):
     name = "kendall"
     Config = KendallConfig
 
+    def list_labels(self, relevance: torch.Tensor, valid: torch.Tensor | None) -> KendallLabels:
+        return kendall_labels(relevance, valid, self.cfg.window, self.cfg.label_noise)
+
     def __call__(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         t2v, v2t = soft_negative_triplet(scores.cos, batch.positives, cfg.margin, cfg.mining_temperature)
-        rank = kendall_ranking(*self.lists(batch, scores.cos), cfg.window, cfg.label_noise, cfg.kendall_temperature)
-        return {"triplet": t2v + v2t, "kendall": rank, "total": t2v + v2t + cfg.kendall_weight * rank}
+        rank = kendall_rank(*self.lists(batch, scores.cos), cfg.kendall_temperature)
+        triplet = t2v + v2t
+        return {"triplet": triplet, "kendall": rank, "total": torch.add(triplet, rank, alpha=cfg.kendall_weight)}

@@ -60,23 +60,50 @@ class PseudoLabelConfig:
             raise ValueError(f"relevance_floor must be in [0, 1), got {self.relevance_floor}")
 
 
-def caption_relevance(text: torch.Tensor, positives: torch.Tensor, floor: float) -> torch.Tensor:
+def caption_relevance(text: torch.Tensor, positives: torch.Tensor | None, floor: float) -> torch.Tensor:
     """Pseudo labels ``[B_text, B_video]`` in [0, 1] from a batch's CLIP text embeddings
-    ``text`` ``[B, dim]`` and its ``positives`` (see the module docstring); no gradient."""
+    ``text`` ``[B, dim]`` and its ``positives`` ``[B, B]`` (see the module docstring; None
+    when no two captions share a video: the identity); no gradient."""
     with torch.no_grad():
         text = F.normalize(text, dim=-1)
-        cos = text @ text.T  # [B_text, B_text(caption k)]
-        # positives[k, j]: caption k shows column j's video
-        by_video = cos[:, :, None].masked_fill(~positives[None], float("-inf")).amax(dim=1)  # [B_text, B_video]
-        relevance = ((by_video - floor) / (1.0 - floor)).clamp(0.0, 1.0)
-        return relevance.masked_fill(positives, 1.0)
+        cos = text @ text.T  # [B_text, B_text(caption k)]; caption k shows column k's video
+        if positives is None:
+            return cos.sub_(floor).div_(1.0 - floor).clamp_(0.0, 1.0).fill_diagonal_(1.0)
+        # a video by its best caption: each caption's cosine into its video's first column
+        # (a max), then back out to every column of that video
+        first = first_column_of(positives).expand_as(cos)  # [B_text, B_video]
+        cos = torch.full_like(cos, float("-inf")).scatter_reduce_(1, first, cos, "amax").gather(1, first)
+        return cos.sub_(floor).div_(1.0 - floor).clamp_(0.0, 1.0).masked_fill_(positives, 1.0)
+
+
+def first_column_of(positives: torch.Tensor) -> torch.Tensor:
+    """``[B_video]`` int64 from a batch's positives ``[B, B]``: the first column showing
+    each column's video (its own index for a video the batch holds once)."""
+    return positives.to(torch.uint8).argmax(dim=0)  # argmax returns the first of equal maxima
 
 
 def first_columns(positives: torch.Tensor) -> torch.Tensor:
     """``[B_video]`` bool from a batch's positives ``[B, B]``: the first column of each
     distinct video. Several captions of one video repeat its column; a list of videos for
     a caption keeps each video once."""
-    return ~torch.tril(positives, diagonal=-1).any(dim=1)
+    first = first_column_of(positives)
+    return first == torch.arange(len(first), device=first.device)
+
+
+@dataclass
+class BatchLists:
+    """What a pseudo-label loss reads from a batch alone, made once per batch (T-MASS
+    scores several text variants on one batch).
+
+    ``positives`` ``[B, B]`` (the batch's) and ``videos`` (the columns of the distinct
+    videos ``[n_distinct]``), both None when no two captions share a video;
+    ``relevance`` ``[B_text, B_video]``; ``labels``: the loss's
+    :meth:`PseudoLabelLoss.list_labels` of its lists."""
+
+    positives: torch.Tensor | None
+    relevance: torch.Tensor
+    videos: torch.Tensor | None
+    labels: object
 
 
 def read_relevance(path: str) -> tuple[np.ndarray, list[str], list[str]]:
@@ -142,32 +169,41 @@ class PseudoLabelLoss(Loss):
 
     def relevance(self, batch: Batch) -> torch.Tensor:
         """``[B_text, B_video]`` in [0, 1], 1 on the positives."""
-        return self._of(batch)[1]
+        return self.of(batch).relevance
 
-    def lists(self, batch: Batch, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def lists(self, batch: Batch, cos: torch.Tensor) -> tuple[torch.Tensor, object]:
         """The lists a listwise loss ranks, stacked: each caption's list of the batch's
         distinct videos, then each distinct video's list of the batch's captions. From
-        cos ``[B_text, B_video]``: (scores, relevance, valid), each ``[B_text +
-        n_distinct, B]`` (valid: the items in each list)."""
-        videos, _, relevance, valid = self._of(batch)
-        return torch.cat([cos, cos.T[videos]]), relevance, valid
+        cos ``[B_text, B_video]``: (scores ``[B_text + n_distinct, B]``, the lists'
+        labels from :meth:`list_labels`, made once per batch)."""
+        of = self.of(batch)
+        return torch.cat([cos, cos.T if of.videos is None else cos.T.index_select(0, of.videos)]), of.labels
 
-    def _of(self, batch: Batch) -> tuple:
-        """What depends on the batch alone, computed once per batch (T-MASS scores several
-        text variants on one batch): the distinct videos' columns, the relevance, and
-        the lists' relevance and valid items."""
+    def list_labels(self, relevance: torch.Tensor, valid: torch.Tensor | None) -> object:
+        """What the loss reads from its lists besides their scores, from the lists'
+        relevance ``[n_list, B]`` and valid items ``[n_list, B]`` bool (the items in each
+        list; None: every item); once per batch. By default the two themselves."""
+        return relevance, valid
+
+    def of(self, batch: Batch) -> BatchLists:
+        """What depends on the batch alone, computed once per batch."""
         if self._last is not None and self._last[0] is batch:
             return self._last[1]
-        positives = batch.positives
+        # the positives, where some video has two captions here (else the identity)
+        positives = batch.positives if len(set(batch.video_rows.tolist())) < len(batch.video_rows) else None
         if self._file is None:
             relevance = caption_relevance(batch.text, positives, self.cfg.relevance_floor)
         elif self._matrix is None:
             raise ValueError(f"--relevance {self.cfg.relevance}: the loss was not prepared with the training split's ids")
         else:
             picked = self._matrix.to(batch.text.device)[batch.text_rows][:, batch.video_rows]
-            relevance = picked.masked_fill(positives, 1.0)
-        first = first_columns(positives)
-        videos = first.nonzero().squeeze(1)  # [n_distinct]
-        valid = torch.cat([first.expand_as(positives), positives.new_ones(len(videos), len(first))])
-        self._last = (batch, (videos, relevance, torch.cat([relevance, relevance.T[videos]]), valid))
+            relevance = picked.masked_fill(batch.positives if positives is None else positives, 1.0)
+        if positives is None:
+            videos, labels = None, self.list_labels(torch.cat([relevance, relevance.T]), None)
+        else:
+            first = first_columns(positives)
+            videos = first.nonzero().squeeze(1)  # [n_distinct]
+            valid = torch.cat([first.expand_as(positives), positives.new_ones(len(videos), len(first))])
+            labels = self.list_labels(torch.cat([relevance, relevance.T.index_select(0, videos)]), valid)
+        self._last = (batch, BatchLists(positives, relevance, videos, labels))
         return self._last[1]
