@@ -52,6 +52,12 @@ def _train(s, *extra, features=None):
             "--no-progress", "--device", "cpu", *extra]
 
 
+def _config(s, name, body):
+    path = s["root"] / name
+    path.write_text(body)
+    return str(path)
+
+
 def _ablate(s, *extra):
     return ["ablate", "--features", str(s["features"]), "--out", str(s["root"] / "sweep"), *extra]
 
@@ -86,6 +92,16 @@ CASES = [
     ("train-val-fraction-one", lambda s: _train(s, "--val-fraction", "1"), "--val-fraction"),
     ("train-dropout-above-one", lambda s: _train(s, "--dropout", "1.5"), "--dropout"),
     ("train-max-steps-beyond-epochs", lambda s: _train(s, "--epochs", "1", "--max-steps", "1000"), "raise --epochs"),
+    # a loss's or a head's setting: click's message from the field's bounds, or the check beyond them
+    ("train-loss-margin-negative", lambda s: _train(s, "--loss", "triplet-hn", "--margin", "-1"),
+     "Invalid value for '--margin': -1.0 is not in the range x>=0."),
+    ("train-ea-reduction-zero", lambda s: _train(s, "--head", "ea", "--reduction", "0"),
+     "Invalid value for '--reduction': 0 is not in the range x>=1."),
+    ("train-ea-reduction-not-dividing", lambda s: _train(s, "--head", "ea", "--reduction", "3"), "--reduction"),
+    ("train-config-loss-margin-negative",
+     lambda s: _train(s, "--config", _config(s, "margin.toml", "[train]\nloss = 'kendall'\n"
+                                                               "[train.loss_options]\nmargin = -1.0\n")),
+     "margin.toml: train.loss_options.margin: -1.0 is not in [0, inf)"),
     ("ablate-max-steps-negative", lambda s: _ablate(s, "--max-steps", "-1"), "--max-steps"),
     ("ablate-jobs-zero", lambda s: _ablate(s, "--jobs", "0"), "--jobs"),
     ("ablate-seeds-not-numbers", lambda s: _ablate(s, "--seeds", "x"), "--seeds"),
@@ -117,3 +133,5 @@ def test_a_user_mistake_is_one_line_naming_the_culprit(setup, build, culprit, on
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1, result.output
     assert culprit.lower() in errors[0].lower(), result.output
+    if culprit.startswith("Invalid value for"):  # click's own check of the option: a usage error
+        assert result.exit_code == 2, result.output

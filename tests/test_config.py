@@ -23,6 +23,7 @@ from tmass.train import losses as registry
 from tmass.train.config import cli_fields, field_bounds, field_choices, field_default, option_type, setting
 from tmass.train.heads.xpool import RADII, HeadConfig
 from tmass.train.losses import Loss, loss_class, loss_names
+from tmass.train.registry import CONFIG_FIELDS, head_names, head_spec
 from tmass.train.trainer import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -40,6 +41,16 @@ def _check_option(option: click.Option, f: dataclasses.Field):
     if choices and not isinstance(default, tuple):
         assert tuple(option.type.choices) == tuple(choices), f.name
     assert f.metadata["help"] in option.help, f.name
+    _check_bounds(option, f)
+
+
+def _check_bounds(option: click.Option, f: dataclasses.Field):
+    """The option refuses what the field's bounds do (an option several heads or losses
+    share must have one range)."""
+    bounds = field_bounds(f)
+    if bounds:
+        assert (option.type.min, option.type.max, option.type.min_open, option.type.max_open) == \
+               (bounds.low, bounds.high, bounds.low_open, bounds.high_open), f.name
 
 
 def test_train_options_are_derived_from_the_config_dataclasses():
@@ -57,6 +68,11 @@ def test_train_options_are_derived_from_the_config_dataclasses():
     for name in ("num_heads", "dropout", "radius", "prior", "prior_std"):
         _check_option(params[name], head_fields[name])
     assert tuple(params["radius"].type.choices) == RADII
+    for head in head_names():  # every registered head's settings with bounds, as ranges
+        config = head_spec(head).config
+        for f in dataclasses.fields(config):
+            if f.name in cli_fields(config) and f.name not in CONFIG_FIELDS:
+                _check_bounds(params[f.name], f)
     for resolved in ("embed_dim", "num_frames", "logit_scale"):  # from the features, not the user
         assert resolved not in params
 

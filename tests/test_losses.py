@@ -41,8 +41,11 @@ def test_registry_lists_and_builds_the_built_in_losses():
         build_loss("ndcg")
     with pytest.raises(ValueError, match="loss triplet-hn: unknown setting 'margn'"):
         build_loss("triplet-hn", {"margn": 0.1})
-    with pytest.raises(ValueError, match="margin must be >= 0"):
+    # one wording from the field's bounds, whether built from values or directly
+    with pytest.raises(ValueError, match=r"^loss triplet-hn\.margin: -1\.0 is not in \[0, inf\)$"):
         build_loss("triplet-hn", {"margin": -1.0})
+    with pytest.raises(ValueError, match=r"^margin: -1\.0 is not in \[0, inf\)$"):
+        TripletHN.Config(margin=-1.0)
 
 
 def test_triplet_hn_hand_computed():

@@ -123,31 +123,38 @@ def check_value(cls, name: str, value):
         value = float(value)
     if kind in (bool, int, float, str, tuple, dict) and type(value) is not kind:
         raise ValueError(f"expected {'a list' if kind is tuple else kind.__name__}, got {value!r}")
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    choices = field_choices(f)
-    for item in value if kind is tuple else (value,):
-        if choices and item not in choices:
-            raise ValueError(f"{item!r} is not one of {', '.join(map(str, choices))}")
-    bounds = field_bounds(f)
-    if bounds and not bounds.contains(value):
-        raise ValueError(f"{value!r} is not in {bounds.text}")
+    problem = field_problem({f.name: f for f in dataclasses.fields(cls)}[name], value, registries=True)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
+def field_problem(f: dataclasses.Field, value, registries: bool = False) -> str | None:
+    """What is wrong with ``value`` for field ``f``: an item not among its choices, or a
+    number outside its bounds (the one wording of both, wherever a value is checked);
+    None if nothing. Choices from a registry (a function) only with ``registries``."""
+    choices = f.metadata.get("choices")
+    if callable(choices):
+        choices = tuple(choices()) if registries else None
+    for item in value if isinstance(value, tuple) else (value,):
+        if choices and item not in choices:
+            return f"{item!r} is not one of {', '.join(map(str, choices))}"
+    bounds = field_bounds(f)
+    if bounds and not bounds.contains(value):
+        return f"{value!r} is not in {bounds.text}"
+    return None
+
+
 def check_choices(config) -> None:
-    """ValueError unless every field of ``config`` with fixed choices holds one of them
-    (each item, for a tuple field) and every field with bounds lies within them; a
-    config's ``__post_init__`` calls it. Registry choices (functions) are checked where
-    the name is looked up."""
+    """ValueError ``field: what is wrong`` unless every field of ``config`` with fixed
+    choices holds one of them (each item, for a tuple field) and every field with bounds
+    lies within them: a config's ``__post_init__`` calls it, so that a config built
+    directly is held to what its options and files are. Registry choices (functions) are
+    checked where the name is looked up."""
     for f in dataclasses.fields(config):
-        choices, value, bounds = f.metadata.get("choices"), getattr(config, f.name), field_bounds(f)
-        if bounds and not bounds.contains(value):
-            raise ValueError(f"{f.name} must be in {bounds.text}; got {value!r}")
-        if choices is None or callable(choices):
-            continue
-        for item in value if isinstance(value, tuple) else (value,):
-            if item not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}; got {item!r}")
+        problem = field_problem(f, getattr(config, f.name))
+        if problem:
+            raise ValueError(f"{f.name}: {problem}")
 
 
 def build_config(cls, values: dict, where: str):

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmass.train.config import setting
+from tmass.train.config import check_choices, setting
 from tmass.train.heads.base import RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter
 from tmass.train.registry import BaseHeadConfig, HeadSpec
 
@@ -54,11 +54,14 @@ class EAConfig(BaseHeadConfig):
     """The excitation-and-aggregation head's settings."""
 
     head: str = setting("ea", cli=False, help="The registered head's name.")
-    reduction: int = setting(4, help="Bottleneck ratio r of the excitation and aggregation MLPs (dim / r hidden units).")
+    reduction: int = setting(4, bounds="[1, inf)",
+                             help="Bottleneck ratio r of the excitation and aggregation MLPs (dim / r hidden units).")
 
     def __post_init__(self):
-        if self.reduction < 1 or self.embed_dim % self.reduction:
-            raise ValueError(f"reduction {self.reduction} must be >= 1 and divide embed_dim {self.embed_dim}")
+        check_choices(self)
+        if self.embed_dim % self.reduction:
+            raise ValueError(f"reduction (--reduction) {self.reduction} does not divide the features' dim "
+                             f"{self.embed_dim}")
 
 
 class ExcitationAggregation(RetrievalHead):

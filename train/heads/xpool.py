@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmass.train.config import setting
+from tmass.train.config import check_choices, setting
 from tmass.train.heads.base import PRIORS, Noise, RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter
 from tmass.train.registry import HeadSpec
 
@@ -56,10 +56,7 @@ class HeadConfig:
     def __post_init__(self):
         if self.head not in POOLINGS:
             raise ValueError(f"unknown head {self.head!r}; choose from {sorted(POOLINGS)}")
-        if self.radius not in RADII:
-            raise ValueError(f"unknown radius {self.radius!r}; choose from {RADII}")
-        if self.prior not in PRIORS:
-            raise ValueError(f"unknown prior {self.prior!r}; choose uniform or normal")
+        check_choices(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"num_heads (--num-heads) {self.num_heads} does not divide the features' dim {self.embed_dim}")
 

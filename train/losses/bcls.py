@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tmass.train.config import setting
+from tmass.train.config import check_choices, setting
 from tmass.train.data import Batch
 from tmass.train.losses import Scores, TwoWayLoss
 from tmass.train.losses.relevance import PseudoLabelConfig, PseudoLabelLoss
@@ -123,30 +123,26 @@ def kendall_ranking(scores: torch.Tensor, relevance: torch.Tensor, valid: torch.
 
 @dataclass(frozen=True)
 class TripletSNConfig:
-    margin: float = setting(0.2, help="Margin on cosine similarities (as the triplet loss's).")
+    margin: float = setting(0.2, bounds="[0, inf)", help="Margin on cosine similarities (as the triplet loss's).")
     mining_temperature: float = setting(
-        0.1, help="Softmax temperature of the soft negative mining: -> 0 is the hardest "
-                  "negative alone, large is every negative alike.")
+        0.1, bounds="(0, inf)", help="Softmax temperature of the soft negative mining: -> 0 is the hardest "
+                                     "negative alone, large is every negative alike.")
 
-    def __post_init__(self):
-        if self.margin < 0 or self.mining_temperature <= 0:
-            raise ValueError(f"margin must be >= 0 and mining_temperature > 0, got {self.margin} and "
-                             f"{self.mining_temperature}")
+    def __post_init__(self):  # also KendallConfig's: every field of both bases and its own
+        check_choices(self)
 
 
 @dataclass(frozen=True)
 class KendallConfig(TripletSNConfig, PseudoLabelConfig):
-    kendall_weight: float = setting(1.0, help="Weight of the Kendall ranking loss added to Triplet-SN.")
+    kendall_weight: float = setting(1.0, bounds="[0, inf)",
+                                    help="Weight of the Kendall ranking loss added to Triplet-SN.")
     kendall_temperature: float = setting(
-        0.05, help="Temperature of tanh((s_a - s_b) / T), the smooth sign of a predicted similarity difference.")
-    window: int = setting(5, help="Sliding window: each item is compared with the next WINDOW items in label order.")
-    label_noise: float = setting(0.05, help="Pairs whose pseudo labels differ by this or less are skipped as noise.")
-
-    def __post_init__(self):
-        TripletSNConfig.__post_init__(self)
-        PseudoLabelConfig.__post_init__(self)
-        if self.kendall_weight < 0 or self.kendall_temperature <= 0 or self.window < 1 or self.label_noise < 0:
-            raise ValueError("kendall_weight and label_noise must be >= 0, kendall_temperature > 0, window >= 1")
+        0.05, bounds="(0, inf)",
+        help="Temperature of tanh((s_a - s_b) / T), the smooth sign of a predicted similarity difference.")
+    window: int = setting(5, bounds="[1, inf)",
+                          help="Sliding window: each item is compared with the next WINDOW items in label order.")
+    label_noise: float = setting(0.05, bounds="[0, inf)",
+                                 help="Pairs whose pseudo labels differ by this or less are skipped as noise.")
 
 
 class TripletSN(TwoWayLoss):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tmass.train.config import setting
+from tmass.train.config import check_choices, setting
 from tmass.train.data import Batch
 from tmass.train.losses import Loss
 
@@ -53,11 +53,11 @@ class PseudoLabelConfig:
         "", help="Relevance matrix file (.npz: relevance, text_ids, video_ids; .npy with FILE.ids.json) instead of "
                  "the pseudo labels from caption-caption similarity of the shards' text embeddings.")
     relevance_floor: float = setting(
-        0.5, help="Caption-caption cosine at or below which a video counts as irrelevant to a caption (pseudo labels).")
+        0.5, bounds="[0, 1)",
+        help="Caption-caption cosine at or below which a video counts as irrelevant to a caption (pseudo labels).")
 
-    def __post_init__(self):
-        if not 0.0 <= self.relevance_floor < 1.0:
-            raise ValueError(f"relevance_floor must be in [0, 1), got {self.relevance_floor}")
+    def __post_init__(self):  # also its subclasses': every field, theirs included
+        check_choices(self)
 
 
 def caption_relevance(text: torch.Tensor, positives: torch.Tensor | None, floor: float) -> torch.Tensor:

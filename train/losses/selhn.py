@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tmass.train.config import setting
+from tmass.train.config import check_choices, setting
 from tmass.train.losses import TwoWayLoss
 
 
@@ -49,14 +49,14 @@ def selective_triplet(cos: torch.Tensor, positives: torch.Tensor, margin: float,
 
 @dataclass(frozen=True)
 class SelHNConfig:
-    margin: float = setting(0.2, help="Margin on cosine similarities (as the triplet loss's).")
+    margin: float = setting(0.2, bounds="[0, inf)", help="Margin on cosine similarities (as the triplet loss's).")
     epsilon: float = setting(
-        0.1, help="An anchor whose hardest negative is within epsilon of its positive (the gradient-vanishing "
-                  "condition) uses all its negatives; otherwise the hardest one.")
+        0.1, bounds="[0, inf)",
+        help="An anchor whose hardest negative is within epsilon of its positive (the gradient-vanishing "
+             "condition) uses all its negatives; otherwise the hardest one.")
 
     def __post_init__(self):
-        if self.margin < 0 or self.epsilon < 0:
-            raise ValueError(f"margin and epsilon must be >= 0, got {self.margin} and {self.epsilon}")
+        check_choices(self)
 
 
 class SelHN(TwoWayLoss):

@@ -92,15 +92,12 @@ def smooth_ndcg(scores: torch.Tensor, relevance: torch.Tensor, valid: torch.Tens
 
 @dataclass(frozen=True)
 class SmoothNDCGConfig(PseudoLabelConfig):
-    ndcg_k: int = setting(10, help="NDCG@K: the top K of each list count (0: the whole list).")
+    ndcg_k: int = setting(10, bounds="[0, inf)", help="NDCG@K: the top K of each list count (0: the whole list).")
     rank_temperature: float = setting(
-        0.05, help="Temperature of the smooth rank's sigmoid of similarity differences (smaller: closer to hard ranks).")
-    ndcg_weight: float = setting(1.0, help="Weight of the listwise 1 - S-NDCG term added to InfoNCE.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.ndcg_k < 0 or self.rank_temperature <= 0 or self.ndcg_weight < 0:
-            raise ValueError("ndcg_k and ndcg_weight must be >= 0 and rank_temperature > 0")
+        0.05, bounds="(0, inf)",
+        help="Temperature of the smooth rank's sigmoid of similarity differences (smaller: closer to hard ranks).")
+    ndcg_weight: float = setting(1.0, bounds="[0, inf)",
+                                 help="Weight of the listwise 1 - S-NDCG term added to InfoNCE.")
 
 
 class SmoothNDCG(PseudoLabelLoss):

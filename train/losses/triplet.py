@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tmass.train.config import setting
+from tmass.train.config import check_choices, setting
 from tmass.train.losses import TwoWayLoss
 
 
@@ -36,11 +36,10 @@ def max_violation_triplet(cos: torch.Tensor, positives: torch.Tensor, margin: fl
 
 @dataclass(frozen=True)
 class TripletHNConfig:
-    margin: float = setting(0.2, help="Margin of the hinge, on cosine similarities (VSE++: 0.2).")
+    margin: float = setting(0.2, bounds="[0, inf)", help="Margin of the hinge, on cosine similarities (VSE++: 0.2).")
 
     def __post_init__(self):
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        check_choices(self)
 
 
 class TripletHN(TwoWayLoss):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tmass.train.config import setting
+from tmass.train.config import check_choices, setting
 from tmass.train.losses import TwoWayLoss
 
 
@@ -54,15 +54,13 @@ def unified_pair_loss(cos: torch.Tensor, positives: torch.Tensor, margin: float,
 
 @dataclass(frozen=True)
 class UnifiedConfig:
-    margin: float = setting(0.2, help="Margin on cosine similarities (as the triplet loss's).")
+    margin: float = setting(0.2, bounds="[0, inf)", help="Margin on cosine similarities (as the triplet loss's).")
     temperature: float = setting(
-        0.05, help="tau: -> 0 gives Triplet-HN; with margin 0 the loss is tau times VLC at logit scale 1/tau.")
+        0.05, bounds="(0, inf)",
+        help="tau: -> 0 gives Triplet-HN; with margin 0 the loss is tau times VLC at logit scale 1/tau.")
 
     def __post_init__(self):
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_choices(self)
 
 
 class Unified(TwoWayLoss):
