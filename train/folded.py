@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tmass.train.heads import XPoolFusion
 
@@ -61,12 +62,10 @@ class FoldedFrames:
         return dataclasses.replace(self, u=self.u[videos], z=self.z[videos])
 
 
-def fold_frames(fusion: XPoolFusion, frames: torch.Tensor, normed: torch.Tensor | None = None) -> FoldedFrames:
-    """frames ``[n_video, n_frames, dim]`` -> their folded vectors (per frame, not per pair);
-    ``normed``: ``fusion.norm_in(frames)``, when the caller has it already."""
+def fold_frames(fusion: XPoolFusion, frames: torch.Tensor) -> FoldedFrames:
+    """frames ``[n_video, n_frames, dim]`` -> their folded vectors (per frame, not per pair)."""
     n_video, n_frames, _ = frames.shape
-    normed = fusion.norm_in(frames) if normed is None else normed
-    return fold_values(fusion, fusion.v_proj(normed).view(n_video, n_frames, fusion.num_heads, fusion.head_dim))
+    return fold_values(fusion, fusion.v_proj(fusion.norm_in(frames)).view(n_video, n_frames, fusion.num_heads, fusion.head_dim))
 
 
 def fold_values(fusion: XPoolFusion, values: torch.Tensor) -> FoldedFrames:
@@ -92,17 +91,20 @@ def folded_xpool(fusion: XPoolFusion, text: torch.Tensor, frames: torch.Tensor,
     ``[n_video, n_frames]`` -> pooled ``[n_text, n_video, dim]``."""
     n_text, (n_video, n_frames, dim) = text.shape[0], frames.shape
     heads, head_dim = fusion.num_heads, fusion.head_dim
-    normed = fusion.norm_in(frames)  # [n_video, n_frames, dim], for keys and values
-    q = fusion.q_proj(fusion.norm_in(text)).view(n_text, heads, head_dim)
+    norm, w_v = fusion.norm_in, fusion.v_proj.weight
+    # norm_in(f) = g * unit + b: its affine goes into the weights (no frame-sized gradient of norm_in)
+    unit = F.layer_norm(frames, (dim,), eps=norm.eps)  # [n_video, n_frames, dim]
+    q = fusion.q_proj(norm(text)).view(n_text, heads, head_dim)
     query_keys = torch.einsum("thc,hcd->thd", q, fusion.k_proj.weight.view(heads, head_dim, dim))  # W_k^T q
-    # q . b_k is the same for every frame (the softmax drops it); kept so that b_k has
-    # the module's gradient (zero up to rounding)
-    logits = (torch.einsum("thd,vfd->tvhf", query_keys, normed)
-              + (q * fusion.k_proj.bias.view(heads, head_dim)).sum(-1)[:, None, :, None]) / math.sqrt(head_dim)
+    # q . (W_k b + b_k) is the same for every frame (the softmax drops it); kept so that
+    # b_k has the module's gradient (zero up to rounding)
+    offset = query_keys @ norm.bias + (q * fusion.k_proj.bias.view(heads, head_dim)).sum(-1)  # [n_text, heads]
+    logits = (torch.einsum("thd,vfd->tvhf", query_keys * norm.weight, unit) + offset[:, None, :, None]) / math.sqrt(head_dim)
     if frame_mask is not None:
         logits = logits.masked_fill(~frame_mask[None, :, None, :], float("-inf"))
     weights = logits.softmax(dim=-1).flatten(2)  # [n_text, n_video, heads*n_frames]
-    return pool_folded(fusion, weights, fold_frames(fusion, frames, normed))
+    values = F.linear(unit, w_v * norm.weight, w_v @ norm.bias + fusion.v_proj.bias)  # v_proj(norm_in(frames))
+    return pool_folded(fusion, weights, fold_values(fusion, values.view(n_video, n_frames, heads, head_dim)))
 
 
 def pool_folded(fusion: XPoolFusion, weights: torch.Tensor, folded: FoldedFrames) -> torch.Tensor:
@@ -122,15 +124,15 @@ def pool_folded(fusion: XPoolFusion, weights: torch.Tensor, folded: FoldedFrames
     square = ((w1 @ gram) * w1).sum(-1).clamp_min(0)  # [n_video, n_text]
     inv_std = (square / dim + eps).rsqrt().T  # [n_text, n_video]
     mask = dropout_mask(fusion.dropout, (n_text, n_video, dim), weights.device)
-    u = folded.u * gamma
+    # the biases ride in the products as a frame of weight 1 (w1's last column)
+    attended = frames_bias * gamma  # [n_video, k+1, dim]: gamma * (U, centre(b_out))
+    linear = torch.cat([folded.z, folded.lin_bias.expand(n_video, 1, dim)], dim=1)
     if mask is None:  # pooled + lin = s * (gamma c + sum w Z + W_lin (gamma b)) + beta + lin_shift: one product
-        mixed = torch.baddbmm(gamma * folded.bias + folded.lin_bias, by_video, u + folded.z).transpose(0, 1)
-        residual = torch.addcmul(beta + folded.lin_shift, mixed, inv_std[..., None])
+        residual = torch.addcmul(beta + folded.lin_shift, (w1 @ (attended + linear)).transpose(0, 1), inv_std[..., None])
     else:  # the mask's 1 / (1 - p) goes into the linear branch's per-frame vectors
-        scale = 1.0 / (1.0 - fusion.dropout.p)
-        attended = torch.baddbmm(gamma * folded.bias, by_video, u)  # [n_video, n_text, dim]: gamma * c
-        linear = torch.baddbmm(folded.lin_bias * scale, by_video, folded.z * scale)  # before * s and the shift
-        residual = _DroppedResidual.apply(attended, linear, inv_std, mask, beta, folded.lin_shift * scale)
+        scale = 1.0 / (1.0 - fusion.dropout.p)  # [n_video, n_text, dim] each: gamma * c, and lin before * s + shift
+        residual = _DroppedResidual.apply(w1 @ attended, w1 @ (linear * scale), inv_std, mask, beta,
+                                          folded.lin_shift * scale)
     return fusion.norm_out(residual)
 
 
@@ -159,7 +161,7 @@ class _DroppedResidual(torch.autograd.Function):
         n_text, n_video, dim = grad.shape
         grad = grad.contiguous()
         rows = n_text * n_video
-        grad_inv_std = torch.bmm(grad.view(rows, 1, dim), mixed.view(rows, dim, 1)).view(n_text, n_video)
+        grad_inv_std = torch.linalg.vecdot(grad, mixed)
         grad_attended = grad.new_empty(n_video, n_text, dim)
         grad_linear = grad.new_empty(n_video, n_text, dim)
         torch.mul(grad, inv_std[..., None], out=grad_attended.transpose(0, 1))

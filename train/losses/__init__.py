@@ -238,7 +238,8 @@ def batch_losses(
         if "sup" in terms:
             variants["sup"] = support_text(text, log_radius, support_videos(pooled, support_video))
     stacked = F.normalize(torch.stack(list(variants.values())), dim=-1)  # [K, B, dim]
-    dots = torch.einsum("ktd,tvd->ktv", stacked, pooled)  # [K, B, B]
+    # pooled @ x^T, so that pooled's gradient comes back contiguous, as its LayerNorm wants it
+    dots = torch.bmm(pooled, stacked.permute(1, 2, 0)).permute(2, 0, 1)  # [K, B, B]
     # logits as one product (dots * (1/|p| * scale)): the exact float operations of the
     # InfoNCE-only trainer before the registry, so its runs are reproduced bit for bit
     return _weighted(batch, loss, tuple(variants), dots * inv_norm, dots * (inv_norm * head.logit_scale()),
