@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -181,9 +182,14 @@ def dropout_mask(dropout: torch.nn.Dropout, shape: tuple[int, ...], device=None)
 
     The mask compares uniform int32 draws of torch's global generator with a threshold.
     On a CPU that is about 3x cheaper than ``nn.Dropout``'s Bernoulli draws, which took
-    a seventh of a T-MASS training step."""
+    a seventh of a T-MASS training step. The comparison runs in place on the draws' bits
+    read as float32: for non-negative int32 the float order of the bit patterns is the
+    integer order (those at or above 0x7F800000, read as inf or NaN, compare False, as
+    they would as integers above the threshold), and it writes the float 0/1 mask with
+    no second tensor."""
     if not dropout.training or dropout.p == 0:
         return None
     draws = torch.empty(shape, dtype=torch.int32, device=device).random_()
-    return torch.lt(draws, round((1.0 - dropout.p) * _INT32_DRAWS), out=torch.empty(shape, device=device))
+    threshold = struct.unpack("<f", struct.pack("<i", round((1.0 - dropout.p) * _INT32_DRAWS)))[0]
+    return draws.view(torch.float32).lt_(threshold)
 
