@@ -69,7 +69,9 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
     from tmass import __version__
     from tmass.evaluate.scores import EvalConfig, metrics_report, resolve_device, score_split
     from tmass.features.format import (FeatureFormatError, features_identity, identity_mismatch, load_split,
-                                       locate_split, sha256_file)
+                                       locate_split, read_manifest, sha256_file)
+    from tmass.train.heads.base import require_extracted
+    from tmass.train.registry import head_spec
     from tmass.train.trainer import load_checkpoint
 
     try:
@@ -78,7 +80,7 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
         raise click.BadParameter(str(exc), param_hint="--device") from exc
     try:
         split_dir = locate_split(features, split)
-        arrays = load_split(split_dir)
+        meta = read_manifest(split_dir)[1]  # the checks below need no arrays: they come first
     except FeatureFormatError as exc:
         raise click.BadParameter(exc.summary(), param_hint="--features") from exc
     config = EvalConfig(trials=trials, seed=seed, protocol=protocol, noise=noise, path=path_,
@@ -92,12 +94,20 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
     if mismatch:
         raise click.ClickException(f"{checkpoint} was trained on other features than {split_dir} (these vs the run's: "
                                    f"{mismatch}); evaluate it on features extracted like its training split")
-    if head.cfg.embed_dim != arrays.meta.embed_dim:
+    if head.cfg.embed_dim != meta.embed_dim:
         raise click.ClickException(
-            f"{checkpoint}: head has dim {head.cfg.embed_dim}, features {split_dir} have dim {arrays.meta.embed_dim}")
-    if getattr(head, "radius", None) is not None and head.cfg.radius == "linear" and head.cfg.num_frames != arrays.meta.num_frames:
+            f"{checkpoint}: head has dim {head.cfg.embed_dim}, features {split_dir} have dim {meta.embed_dim}")
+    if getattr(head, "radius", None) is not None and head.cfg.radius == "linear" and head.cfg.num_frames != meta.num_frames:
         raise click.ClickException(
-            f"{checkpoint}: linear radius expects {head.cfg.num_frames} frames, features {split_dir} have {arrays.meta.num_frames}")
+            f"{checkpoint}: linear radius expects {head.cfg.num_frames} frames, features {split_dir} have {meta.num_frames}")
+    try:
+        require_extracted(meta, head_spec(head.cfg.head).features, head.cfg.head, split_dir)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        arrays = load_split(split_dir)
+    except FeatureFormatError as exc:
+        raise click.BadParameter(exc.summary(), param_hint="--features") from exc
     if protocol == "reference":
         click.secho("AUDIT MODE (--protocol reference): every query is scored against videos pooled on their own "
                     "captions, as the official evaluator does. These numbers leak ground truth.", fg="red", err=True)

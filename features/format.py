@@ -695,14 +695,7 @@ class FeatureSplit:
     def __init__(self, split_dir: Path, verify_checksums: bool = True, raise_on_problems: bool = True):
         self.path = Path(split_dir)
         manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise FeatureFormatError([f"{manifest_path}: missing (not a features split directory)"])
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-            self.meta = FeatureMeta.from_json(self.manifest["meta"])
-            self.shards = [ShardRecord(**s) for s in self.manifest["shards"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FeatureFormatError([f"{manifest_path}: unreadable manifest ({exc!r})"]) from exc
+        self.manifest, self.meta, self.shards = read_manifest(self.path)
         self._provenance = provenance(self.meta)
         major = str(self.manifest.get("format_version", "?")).split(".")[0]
         if major != FORMAT_VERSION.split(".")[0]:
@@ -927,6 +920,20 @@ def _raise_on_bad_rows(path: Path, name: str, values: np.ndarray, ids: list[str]
         raise FeatureFormatError(
             [f"{path}: {len(bad)} rows of '{name}' hold NaN or inf, e.g. row {offset + bad[0]} (id {ids[bad[0]]!r})"]
         )
+
+
+def read_manifest(split_dir: Path) -> tuple[dict, FeatureMeta, list[ShardRecord]]:
+    """A split's manifest alone, no shard opened: (the parsed ``manifest.json``, its
+    FeatureMeta, its shard records); what a command checks before it reads any features.
+    FeatureFormatError when the manifest is missing or unreadable."""
+    manifest_path = Path(split_dir) / MANIFEST
+    if not manifest_path.is_file():
+        raise FeatureFormatError([f"{manifest_path}: missing (not a features split directory)"])
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        return manifest, FeatureMeta.from_json(manifest["meta"]), [ShardRecord(**s) for s in manifest["shards"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FeatureFormatError([f"{manifest_path}: unreadable manifest ({exc!r})"]) from exc
 
 
 def open_split(split_dir: Path, verify_checksums: bool = True) -> FeatureSplit:

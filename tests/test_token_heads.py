@@ -63,16 +63,74 @@ def test_a_token_head_trains_on_its_tokens_with_its_own_loss_terms(tiny_token_fe
     assert not torch.allclose(base, moved)
 
 
-@pytest.mark.parametrize("name,option", [("tc-mgc", "--text-tokens"), ("visern", "--patch-grid G")])
-def test_features_without_tokens_are_one_line_naming_the_option(tiny_features, tmp_path, name, option):
-    need = "word tokens" if name == "tc-mgc" else "patch tokens"
+@pytest.fixture(scope="module")
+def token_runs(tiny_token_features, tmp_path_factory):
+    """Untrained runs (--epochs 0) of tc-mgc, visern and xpool on the token features."""
+    root = tmp_path_factory.mktemp("token-runs")
+    for name in ("tc-mgc", "visern", "xpool"):
+        result = CliRunner().invoke(main, ["train", "--features", str(tiny_token_features), "--head", name, "--epochs", "0",
+                                           "--val-fraction", "0", "--no-final-eval", "--no-progress", "--device", "cpu",
+                                           "--out", str(root / name)])
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def _refused(result, *expected):
+    """One ``Error:`` line holding every ``expected`` part, exit 1, no traceback."""
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and all(part in errors[0] for part in expected), result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("name,need", [("tc-mgc", "word tokens: extract with --text-tokens"),
+                                       ("prota", "word tokens: extract with --text-tokens"),
+                                       ("visern", "patch tokens: extract with --patch-grid G")])
+def test_train_refuses_a_head_whose_tokens_are_missing_before_writing_anything(tiny_features, tmp_path, name, need):
+    out = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", "--features", str(tiny_features), "--head", name,
-                                       "--out", str(tmp_path / "run"), "--epochs", "1"])
-    assert result.exit_code == 1
-    assert f"Error: head {name} needs {need}: extract with {option}" in result.output
-    assert "Traceback" not in result.output
-    with pytest.raises(ValueError, match=f"head {name} needs {need}: extract with"):
+                                       "--out", str(out), "--epochs", "1", "--device", "cpu"])
+    _refused(result, f"Error: head {name} needs {need}")
+    assert not out.exists()  # no run directory, lock, config or checkpoint
+    with pytest.raises(ValueError, match=f"head {name} needs {need}"):
         split_features(load_split(tiny_features / "test"), head_spec(name).features, name)
+
+
+def test_eval_refuses_a_token_head_on_features_without_its_tokens(tiny_features, token_runs):
+    for name, need in (("tc-mgc", "word tokens: extract with --text-tokens"),
+                       ("visern", "patch tokens: extract with --patch-grid G")):
+        result = CliRunner().invoke(main, ["eval", "--features", str(tiny_features), "--checkpoint",
+                                           str(token_runs / name / "best.pt"), "--device", "cpu"])
+        _refused(result, f"head {name} needs {need}", str(tiny_features / "test"))
+
+
+@pytest.mark.parametrize("sweep", ["heads", "tc-mgc"])
+def test_ablate_names_every_head_missing_its_tokens_before_any_run(tiny_features, tmp_path, sweep):
+    out = tmp_path / "ablate"
+    result = CliRunner().invoke(main, ["ablate", "--features", str(tiny_features), "--out", str(out), "--sweeps", sweep,
+                                       "--seeds", "0", "--epochs", "1", "--device", "cpu"])
+    if sweep == "heads":
+        _refused(result, "heads tc-mgc, prota need word tokens: extract with --text-tokens",
+                 "head visern needs patch tokens: extract with --patch-grid G")
+    else:
+        _refused(result, "head tc-mgc needs word tokens: extract with --text-tokens")
+        assert "visern" not in result.output
+    assert not out.exists()  # no run started
+
+
+def test_index_and_search_refuse_a_token_head(tiny_token_features, token_runs, tmp_path):
+    split = tiny_token_features / "test"
+    refused = CliRunner().invoke(main, ["index", "--features", str(split), "--out", str(tmp_path / "idx"),
+                                        "--checkpoint", str(token_runs / "tc-mgc" / "best.pt")])
+    _refused(refused, "head tc-mgc needs word tokens: search keeps caption embeddings and frames only", "xpool")
+    assert not (tmp_path / "idx").exists()
+    # an index holding a token head (as one built before this check could): search says so in one line
+    built = CliRunner().invoke(main, ["index", "--features", str(split), "--out", str(tmp_path / "old"),
+                                      "--checkpoint", str(token_runs / "xpool" / "best.pt")])
+    assert built.exit_code == 0, built.output
+    (tmp_path / "old" / "head.pt").write_bytes((token_runs / "visern" / "best.pt").read_bytes())
+    result = CliRunner().invoke(main, ["search", "--index", str(tmp_path / "old"), "--query-features", str(split)])
+    _refused(result, "head.pt: head visern needs patch tokens: search keeps")
 
 
 def test_tc_mgc_switches():

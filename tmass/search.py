@@ -66,7 +66,7 @@ import numpy as np
 
 from tmass import __version__
 from tmass.features.format import (FeatureMeta, SplitArrays, features_identity, identity_mismatch, load_split,
-                                  sha256_file)
+                                  read_manifest, sha256_file)
 
 INDEX_FORMAT = "2"  # 2: frame_norms.npy
 INDEX_FILE = "index.json"
@@ -200,15 +200,30 @@ def first_stage_label(index) -> str:
     return "exact (faiss IndexFlatIP)"
 
 
+def refuse_token_head(head, where: Path) -> None:
+    """SearchError, one line, when ``head`` (loaded from ``where``) reads token features:
+    an index keeps caption embeddings and frames only, and a text query has no word tokens."""
+    from tmass.train.heads.base import TOKEN_FIELDS, missing_tokens
+    from tmass.train.registry import head_names, head_spec
+
+    needs = sorted(head_spec(head.cfg.head).features & set(TOKEN_FIELDS))
+    if needs:
+        plain = [name for name in head_names() if not head_spec(name).features & set(TOKEN_FIELDS)]
+        fix = f"search keeps caption embeddings and frames only; index with a run of {', '.join(plain)}"
+        raise SearchError(f"{where}: {missing_tokens(needs[0], head.cfg.head, fix)}")
+
+
 def check_checkpoint(checkpoint: Path, meta: FeatureMeta, split_dir: Path) -> tuple[object, dict, str | None]:
-    """Load a head and refuse one made for other features. Returns (head, checkpoint
-    entries, a warning or None)."""
+    """Load a head and refuse one made for other features, or one that reads token
+    features (:func:`refuse_token_head`). Returns (head, checkpoint entries, a warning
+    or None)."""
     from tmass.train.trainer import load_checkpoint
 
     try:
         head, info = load_checkpoint(checkpoint, "cpu")
     except Exception as exc:  # torch.load raises many types for a file that is no checkpoint
         raise SearchError(f"{checkpoint}: not a readable tmass checkpoint ({type(exc).__name__}: {exc})") from exc
+    refuse_token_head(head, checkpoint)
     if head.cfg.embed_dim != meta.embed_dim:
         raise SearchError(f"{checkpoint}: head has dim {head.cfg.embed_dim}, features {split_dir} have dim "
                           f"{meta.embed_dim}: index features made with the encoder the run was trained on")
@@ -307,7 +322,13 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
 
     config = config or IndexConfig()
     split_dir, out = Path(split_dir), Path(out)
+    warnings = []
+    head = None
+    head_info: dict = {}
     try:
+        if checkpoint is not None:  # the head is checked from the manifest, before any features are read
+            head, head_info, warning = check_checkpoint(Path(checkpoint), read_manifest(split_dir)[1], split_dir)
+            warnings += [warning] if warning else []
         arrays = load_split(split_dir)
     except FeatureFormatError as exc:
         raise SearchError(f"{split_dir}: features fail validation: {exc.problems[0]}") from exc
@@ -316,12 +337,6 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
         raise SearchError(f"{split_dir} holds no videos: nothing to index (were they all skipped? see the manifest's 'failed')")
     if (out / INDEX_FILE).exists():
         raise SearchError(f"{out} already holds an index: remove it or choose another --out")
-    warnings = []
-    head = None
-    head_info: dict = {}
-    if checkpoint is not None:
-        head, head_info, warning = check_checkpoint(Path(checkpoint), meta, split_dir)
-        warnings += [warning] if warning else []
 
     identity = features_identity(split_dir)
     model_cfg = None
@@ -427,6 +442,7 @@ class SearchIndex:
             from tmass.train.trainer import load_checkpoint
 
             head, _ = load_checkpoint(path / HEAD_FILE, "cpu")
+            refuse_token_head(head, path / HEAD_FILE)  # an index built before token heads were refused
             frames = np.load(path / FRAMES_FILE, mmap_mode="r")
             mask = np.load(path / MASK_FILE, mmap_mode="r")
             norms = np.load(path / NORMS_FILE, mmap_mode="r")

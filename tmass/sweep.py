@@ -315,6 +315,21 @@ def provenance_lines(prov: dict) -> list[str]:
             f"protocol: {prov['protocol']}; checkpoints: {prov['selection']}"]
 
 
+def _refuse_missing_tokens(sweeps: list[Sweep], meta, features: Path) -> None:
+    """ValueError, one line, before any run starts, naming the heads of ``sweeps`` whose
+    token features the features (``meta``: the train split's manifest) lack, grouped by
+    the extract option that stores them."""
+    from tmass.train.heads.base import missing_tokens, unextracted
+    from tmass.train.registry import head_spec
+
+    lacking: dict[str, list[str]] = {}  # token feature -> the heads that need it
+    for head in dict.fromkeys(v.head.get("head", "tmass") for sweep in sweeps for v in sweep.variants):
+        for need in unextracted(meta, head_spec(head).features):
+            lacking.setdefault(need, []).append(head)
+    if lacking:
+        raise ValueError(f"{features}: " + "; ".join(str(missing_tokens(need, heads)) for need, heads in lacking.items()))
+
+
 def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) -> dict[str, list[dict]]:
     """Train what is missing, evaluate, write tables and plots; returns the rows per sweep."""
     from tqdm import tqdm
@@ -322,9 +337,10 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
     features, out = Path(features), Path(out)
     from tmass.features.format import open_split
 
-    cached = open_split(features / "train", verify_checksums=False).meta.num_frames
-    sweeps = [dataclasses.replace(sweep, variants=tuple(_frames_of(v, cached, features) for v in sweep.variants))
+    meta = open_split(features / "train", verify_checksums=False).meta
+    sweeps = [dataclasses.replace(sweep, variants=tuple(_frames_of(v, meta.num_frames, features) for v in sweep.variants))
               for sweep in map(sweep_named, names)]
+    _refuse_missing_tokens(sweeps, meta, features)
     mark_run(out, "sweep")
     (out / "sweep-config.json").write_text(json.dumps({"features": str(features), "sweeps": names,
                                                        **dataclasses.asdict(cfg)}, indent=2) + "\n")

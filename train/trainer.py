@@ -37,14 +37,15 @@ import torch
 from tqdm import tqdm
 
 from tmass import __version__
-from tmass.features.format import SplitArrays, features_identity, identity_mismatch, load_split
+from tmass.features.format import SplitArrays, features_identity, identity_mismatch, load_split, read_manifest
 from tmass.train.config import check_choices, setting
 from tmass.train.data import PairData, epoch_order, split_validation
 from tmass.train.heads import RetrievalHead
+from tmass.train.heads.base import require_extracted
 from tmass.train.losses import (
     DEFAULT_LOSS, LOSS_TERMS, POOLING_PATHS, SUPPORT_VIDEOS, batch_losses, build_loss, loss_names, parse_loss_terms,
 )
-from tmass.train.registry import build_head, config_from_dict
+from tmass.train.registry import build_head, config_from_dict, head_spec
 from tmass.train.runs import lock_run, mark_run
 
 AMP_MODES = ("off", "bf16")
@@ -453,9 +454,13 @@ def train(
     """
     features, out = Path(features), Path(out)
     device = resolve_device(cfg.device)
-    train_arrays = load_split(features / "train")
     test_dir = features / "test"
-    test_arrays = load_split(test_dir) if (test_dir / "manifest.json").exists() else None
+    has_test = (test_dir / "manifest.json").exists()
+    # a head's token features, read from the manifests: refused before any array is read or any file written
+    for split_dir in [features / "train"] + [test_dir] * has_test:
+        require_extracted(read_manifest(split_dir)[1], head_spec(head_cfg.head).features, head_cfg.head, split_dir)
+    train_arrays = load_split(features / "train")
+    test_arrays = load_split(test_dir) if has_test else None
     if test_arrays is None and (cfg.select_on == "test" or cfg.final_eval):
         raise FileNotFoundError(f"{test_dir}: no test split (needed for select_on=test or the final metrics)")
     cfg, head_cfg = resolve_configs(cfg, head_cfg, train_arrays)

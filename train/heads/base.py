@@ -91,6 +91,18 @@ TOKEN_FIELDS = {
     "patch_tokens": (("video", "patches", "patch_embeddings"),),
 }
 _EXTRACT_OPTION = {"word_tokens": "--text-tokens", "patch_tokens": "--patch-grid G"}
+_MANIFEST_FIELD = {"word_tokens": "text_tokens", "patch_tokens": "patch_grid"}  # FeatureMeta: set when extracted
+
+
+def missing_tokens(need: str, heads: str | list[str] = "", fix: str = "", where=None) -> ValueError:
+    """The one-line error for heads (a name or names) whose token feature ``need`` is
+    missing (from the split ``where``, if given); ``fix`` replaces the default advice
+    (the extract option that stores it)."""
+    heads = [heads] if isinstance(heads, str) and heads else list(heads)
+    who = (f"head {heads[0]} needs" if len(heads) == 1 else f"heads {', '.join(heads)} need" if heads
+           else "the head needs")
+    return ValueError(f"{who} {need.replace('_', ' ')}: {fix or f'extract with {_EXTRACT_OPTION[need]}'}"
+                      + (f" ({where} has none)" if where is not None else ""))
 
 
 def require_tokens(text: TextFeatures, video: VideoFeatures, needs, head: str = "") -> None:
@@ -99,8 +111,22 @@ def require_tokens(text: TextFeatures, video: VideoFeatures, needs, head: str = 
     features) names."""
     for need in sorted(set(needs) & set(TOKEN_FIELDS)):
         if any(getattr(text if side == "text" else video, name) is None for side, name, _ in TOKEN_FIELDS[need]):
-            raise ValueError(f"{f'head {head}' if head else 'the head'} needs {need.replace('_', ' ')}: "
-                             f"extract with {_EXTRACT_OPTION[need]}")
+            raise missing_tokens(need, head)
+
+
+def unextracted(meta, needs) -> list[str]:
+    """The token features ``needs`` (a head's declared features) names that a split
+    lacks, read from its manifest alone (``meta``, its FeatureMeta: ``text_tokens``,
+    ``patch_grid``), so that a command can refuse before it loads or writes anything."""
+    return [need for need in sorted(set(needs) & set(TOKEN_FIELDS)) if not getattr(meta, _MANIFEST_FIELD[need])]
+
+
+def require_extracted(meta, needs, head: str = "", where=None) -> None:
+    """:func:`require_tokens` from a split's manifest alone (see :func:`unextracted`);
+    the message names the split ``where``."""
+    missing = unextracted(meta, needs)
+    if missing:
+        raise missing_tokens(missing[0], head, where=where)
 
 
 def split_features(arrays, needs, head: str = "") -> tuple[TextFeatures, VideoFeatures]:
