@@ -23,7 +23,7 @@ and what the dropout mask touches: |c|^2 comes from each video's Gram matrix of 
 (``[n_frames+1]^2`` numbers per video), gamma is folded into U, and the centring into
 W_out. Training (:func:`folded_xpool`) also folds the key projection into the query,
 ``q . (W_k LN(f) + b_k) = (W_k^T q) . LN(f) + q . b_k``, so the frames are projected by
-W_v alone. Parameters are the module's own, read by name; nothing here is learned
+W_v alone, and norm_in's affine into W_v and the query. Parameters are the module's own, read by name; nothing here is learned
 separately. The tests hold this function equal to the module's forward pass in eval
 mode, and in train mode with the same dropout mask. In train mode the mask is drawn by
 :func:`dropout_mask`: the same distribution as ``nn.Dropout`` (same rate, same 1/(1-p)
@@ -130,8 +130,8 @@ def pool_folded(fusion: XPoolFusion, weights: torch.Tensor, folded: FoldedFrames
     linear = torch.cat([folded.z, folded.lin_bias.expand(n_video, 1, dim)], dim=1)
     if mask is None:  # pooled + lin = s * (gamma c + sum w Z + W_lin (gamma b)) + beta + lin_shift: one product
         residual = torch.addcmul(beta + folded.lin_shift, (w1 @ (attended + linear)).transpose(0, 1), inv_std[..., None])
-    else:  # the mask's 1 / (1 - p) goes into the linear branch's per-frame vectors
-        scale = 1.0 / (1.0 - fusion.dropout.p)  # [n_video, n_text, dim] each: gamma * c, and lin before * s + shift
+    else:  # two products [n_video, n_text, dim]; the mask's 1 / (1 - p) goes into the linear branch's frames
+        scale = 1.0 / (1.0 - fusion.dropout.p)
         residual = _DroppedResidual.apply(w1 @ attended, w1 @ (linear * scale), inv_std, mask, beta,
                                           folded.lin_shift * scale)
     return fusion.norm_out(residual)
@@ -139,8 +139,8 @@ def pool_folded(fusion: XPoolFusion, weights: torch.Tensor, folded: FoldedFrames
 
 class _DroppedResidual(torch.autograd.Function):
     """``pooled + dropout(lin)`` of the module doc, from the two weighted sums, in three
-    passes over ``[n_text, n_video, dim]`` forward and three back (autograd's own graph
-    of these few lines makes and saves a dozen such tensors):
+    passes over ``[n_text, n_video, dim]`` forward (autograd's graph of the same line
+    takes six) and five back, saving one such tensor besides the mask:
 
         y = s * (attended + mask * linear) + beta + mask * shift
 
