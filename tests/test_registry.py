@@ -115,16 +115,18 @@ def test_every_reader_names_every_head():
     assert by_display["X-Pool"] == keys["w/o R (X-Pool)"] and by_display["T-MASS"] == keys["R = W S + b (linear)"]
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("name", [n for n in head_names() if "folded-xpool" in head_spec(n).fast_paths])
-def test_training_fast_path_equals_the_heads_own_pooling(name):
+def test_training_fast_path_equals_the_heads_own_pooling(name, dropout):
     """The folded X-Pool pooling that training uses gives the losses and gradients of the
-    head's own module (dropout off: the two draw different dropout masks)."""
+    head's own module, with dropout off, and on (the module given the folded path's mask)."""
     from tmass.train.data import Batch
+    from tmass.train.folded import dropout_mask
     from tmass.train.losses import batch_losses, build_loss
 
     spec = head_spec(name)
     torch.manual_seed(0)
-    head = spec.build(spec.make_config(embed_dim=16, num_frames=4, dropout=0.0))
+    head = spec.build(spec.make_config(embed_dim=16, num_frames=4, dropout=dropout))
     with torch.no_grad():  # away from the identity init, so that every folded term matters
         for param in head.parameters():
             param.add_(0.1 * torch.randn_like(param))
@@ -135,8 +137,14 @@ def test_training_fast_path_equals_the_heads_own_pooling(name):
     results = []
     for path in ("folded", "module"):
         head.zero_grad()
+        torch.manual_seed(1)
+        kept = dropout_mask(head.pooling.dropout, (6, 6, 16))
+        if path == "module" and kept is not None:
+            head.pooling.dropout.forward = lambda x: x * kept / (1 - dropout)
+        torch.manual_seed(1)
         losses = batch_losses(head, batch, build_loss("infonce"), spec.loss_terms,
                               generator=torch.Generator().manual_seed(0), pooling_path=path)
+        vars(head.pooling.dropout).pop("forward", None)
         losses["total"].backward()
         results.append((losses["total"].detach(), torch.cat([p.grad.flatten() for p in head.parameters()])))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
