@@ -226,7 +226,7 @@ def batch_losses(
         pooled = head.pool(text, frames, frame_mask)
     # cos(x_i, pooled[i, j]) for several text variants x at once: one batched product
     # and one division by the pooled norms, instead of normalising [B, B, dim] per term.
-    inv_norm = pooled.norm(dim=-1).clamp_min(1e-12).reciprocal()  # [B, B]
+    inv_norm = _InverseNorm.apply(pooled)  # [B, B]
     variants = {}
     if "ce" in terms:
         variants["ce"] = text
@@ -244,6 +244,24 @@ def batch_losses(
     # InfoNCE-only trainer before the registry, so its runs are reproduced bit for bit
     return _weighted(batch, loss, tuple(variants), dots * inv_norm, dots * (inv_norm * head.logit_scale()),
                      support_weight)
+
+
+class _InverseNorm(torch.autograd.Function):
+    """``1 / max(|x|, 1e-12)`` over the last axis: x ``[..., dim]`` -> ``[...]``. Its
+    gradient, ``-x / |x|^3`` (0 where clamped), is one pass over x; autograd's for
+    ``x.norm().clamp_min().reciprocal()`` takes three over the pooled videos."""
+
+    @staticmethod
+    def forward(ctx, x):
+        norm = torch.linalg.vector_norm(x, dim=-1)
+        inv = norm.clamp_min(1e-12).reciprocal()
+        ctx.save_for_backward(x, inv, norm >= 1e-12)
+        return inv
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, inv, unclamped = ctx.saved_tensors
+        return x * (-grad * inv.pow(3) * unclamped)[..., None]
 
 
 def _weighted(batch: Batch, loss: Loss, variants: tuple[str, ...], cos: torch.Tensor, logits: torch.Tensor,
