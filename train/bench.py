@@ -62,11 +62,12 @@ def bench(features: Path, head: str = "tmass", steps: int = 500, batch_size: int
 
 
 def bench_losses(features: Path, losses: list[str], head: str = "tmass", steps: int = 100, rounds: int = 5,
-                 batch_size: int = 32, device: str = "cpu") -> dict[str, float]:
+                 batch_size: int = 32, device: str = "cpu", full_epoch: bool = False) -> dict[str, float]:
     """Seconds per step of each loss in ``losses`` with ``head``, measured fairly on a
     shared machine: one process, one trainer per loss on the same batches, timed in
     ``rounds`` interleaved rounds of ``steps / rounds`` steps each (so a burst of load
-    from elsewhere hits every loss alike), after a warm-up."""
+    from elsewhere hits every loss alike), after a warm-up. ``full_epoch``: the rounds
+    cover every step of the epoch after the warm-up."""
     import torch
 
     from tmass.features.format import load_split
@@ -82,8 +83,9 @@ def bench_losses(features: Path, losses: list[str], head: str = "tmass", steps: 
         cfg, head_cfg = resolve_configs(TrainConfig(epochs=1, batch_size=batch_size, device=device, loss=loss),
                                         head_spec(head).make_config(), arrays)
         trainers[loss] = Trainer(cfg, head_cfg, data, dev)
-    per_round = max(1, steps // rounds)
-    if WARMUP_STEPS + rounds * per_round > next(iter(trainers.values())).steps_per_epoch:
+    steps_per_epoch = next(iter(trainers.values())).steps_per_epoch
+    per_round = (steps_per_epoch - WARMUP_STEPS) // rounds if full_epoch else max(1, steps // rounds)
+    if per_round < 1 or WARMUP_STEPS + rounds * per_round > steps_per_epoch:
         raise ValueError(f"{features}: fewer than {WARMUP_STEPS + rounds * per_round} steps in an epoch")
     batches = list(next(iter(trainers.values())).epoch_batches(0))  # the same batches for every loss
     for trainer in trainers.values():
@@ -108,7 +110,8 @@ def bench_losses(features: Path, losses: list[str], head: str = "tmass", steps: 
 @click.option("--steps", type=int, default=500, show_default=True, help="Timed steps (after a warm-up).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--full-epoch", is_flag=True, help="Time a whole epoch instead of extrapolating.")
+@click.option("--full-epoch", is_flag=True, help="Time a whole epoch instead of extrapolating (with --losses: "
+                                                  "every loss over the whole epoch, in interleaved rounds).")
 @click.option("--pooling-path", type=click.Choice(["folded", "module"]), default="folded", show_default=True)
 @click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True,
               help="bf16 autocast of the forward pass (TrainConfig.amp).")
@@ -127,12 +130,13 @@ def main(features, head, steps, batch_size, device, full_epoch, pooling_path, am
             raise click.BadParameter(f"unknown loss {unknown[0]!r}; choose from {', '.join(loss_names())}",
                                      param_hint="--losses")
         try:
-            times = bench_losses(features, names, head, steps, batch_size=batch_size, device=device)
+            times = bench_losses(features, names, head, steps, batch_size=batch_size, device=device,
+                                 full_epoch=full_epoch)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from exc
         for name, per_step in times.items():
             click.echo(f"{head} batch {batch_size} loss {name}: {per_step * 1e3:.1f} ms/step, "
-                       f"{per_step / times[names[0]]:.2f}x {names[0]}")
+                       f"{per_step / times[names[0]]:.2f}x {names[0]}" + (" (whole epoch)" if full_epoch else ""))
         return
     r = bench(features, head, steps, batch_size, device, full_epoch, pooling_path, amp, compile_)
     how = f"extrapolated from {r['timed_steps']} steps" if r["extrapolated"] else "whole epoch timed"

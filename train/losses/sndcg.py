@@ -66,7 +66,8 @@ def ndcg_labels(relevance: torch.Tensor, valid: torch.Tensor | None, k: int) -> 
         top = ideal[:, :cut]
         # IDCG / ln 2, so that a rank's discount is 1 / ln(1 + rank): one operation on the ranks
         idcg = (top @ _discounts(top.shape[1], top.dtype, top.device)).clamp_min(1e-12)
-        n_gain = max(int(torch.count_nonzero(ideal, dim=1).max()), 1)
+        # sorted, the lists' gains are positive in their first n_gain columns at most
+        n_gain = max(sum(top > 0 for top in ideal.amax(dim=0).tolist()), 1)
         outside = None if valid is None else ~valid
         return NDCGLabels(ideal[:, :n_gain] / idcg[:, None], columns[:, :n_gain], outside, cut)
 
