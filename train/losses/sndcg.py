@@ -81,7 +81,7 @@ def list_ndcg(scores: torch.Tensor, labels: NDCGLabels, temperature: float) -> t
     ranked = scaled.gather(1, labels.columns)  # [n_list, n_gain]
     # 1 + sum over b != a is the full sum plus 1/2: its b = a term is sigmoid(0)
     rank = 0.5 + torch.sigmoid(scaled[:, None, :] - ranked[:, :, None]).sum(dim=2)  # [n_list, n_gain]
-    return (labels.gain * (rank <= labels.cut + 0.5) / torch.log1p(rank)).sum(dim=1)
+    return (labels.gain.masked_fill(rank > labels.cut + 0.5, 0.0) / torch.log1p(rank)).sum(dim=1)
 
 
 def smooth_ndcg(scores: torch.Tensor, relevance: torch.Tensor, valid: torch.Tensor | None, k: int,
