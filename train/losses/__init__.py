@@ -198,9 +198,9 @@ def batch_losses(
       (``pooled[:, i].mean(0)``), which is what the reference code does.
 
     ``pooling_path``: ``folded`` computes X-Pool's pooling with
-    :func:`tmass.train.folded.folded_xpool` (the same function with a cheaper dropout
-    mask: 26 instead of 36 ms per T-MASS step on 2 CPU cores); ``module`` calls the
-    head's own forward pass.
+    :func:`tmass.train.folded.folded_xpool` (the same function, its dim x dim products
+    per frame instead of per pair; see that module for what it costs); ``module`` calls
+    the head's own forward pass.
     """
     if support_video not in SUPPORT_VIDEOS:
         raise ValueError(f"unknown support video {support_video!r}; choose from {SUPPORT_VIDEOS}")
@@ -240,8 +240,7 @@ def batch_losses(
     stacked = F.normalize(torch.stack(list(variants.values())), dim=-1)  # [K, B, dim]
     # pooled @ x^T, so that pooled's gradient comes back contiguous, as its LayerNorm wants it
     dots = torch.bmm(pooled, stacked.permute(1, 2, 0)).permute(2, 0, 1)  # [K, B, B]
-    # logits as one product (dots * (1/|p| * scale)): the exact float operations of the
-    # InfoNCE-only trainer before the registry, so its runs are reproduced bit for bit
+    # logits: the scale goes into the [B, B] inverse norms, not over the [K, B, B] cosines
     return _weighted(batch, loss, tuple(variants), dots * inv_norm, dots * (inv_norm * head.logit_scale()),
                      support_weight)
 
