@@ -14,10 +14,12 @@ from click.testing import CliRunner
 from tmass.checkhead import random_features
 from tmass.cli import main
 from tmass.features.format import load_split
-from tmass.train.data import PairData, split_validation
+from tmass.evaluate import split_metrics
+from tmass.train.data import PairData, declared_only, split_validation
 from tmass.train.heads.base import split_features
 from tmass.train.losses import batch_losses, build_loss
 from tmass.train.registry import head_spec
+from tmass.train.trainer import TrainConfig, load_checkpoint, train
 
 TOKEN_HEADS = {"tc-mgc": {"head.sdr"}, "prota": {"head.acl", "head.kl"}, "visern": set()}
 
@@ -61,6 +63,38 @@ def test_a_token_head_trains_on_its_tokens_with_its_own_loss_terms(tiny_token_fe
         text.tokens, video.patches = text.tokens.flip(0), video.patches.flip(0)
         moved = head.score(text, video)
     assert not torch.allclose(base, moved)
+
+
+@pytest.mark.parametrize("name", ["meanp", *sorted(TOKEN_HEADS)])
+def test_a_batch_carries_the_token_features_its_head_declares_and_no_others(tiny_token_features, name):
+    arrays = load_split(tiny_token_features / "train")
+    needs = head_spec(name).features
+    rows = torch.arange(0, 40, 5)
+    everything, declared = PairData(arrays).batch(rows), PairData(declared_only(arrays, needs)).batch(rows)
+    read = {"tokens": "word_tokens", "token_mask": "word_tokens", "patches": "patch_tokens"}
+    for field in ("text", "frames", "frame_mask", "tokens", "token_mask", "patches"):
+        if read.get(field, "frames") in needs:  # what the head reads: the tensors it was given before
+            assert torch.equal(getattr(declared, field), getattr(everything, field)), field
+        else:
+            assert getattr(everything, field) is not None and getattr(declared, field) is None, field
+
+
+@pytest.mark.parametrize("name", ["tc-mgc", "visern"])
+def test_a_token_head_trains_to_the_same_weights_as_on_every_token_feature(tiny_token_features, tmp_path, monkeypatch,
+                                                                           name):
+    """A short run with validation: the same weights as when every token feature was
+    loaded, held out, batched and validated (the data as train assembled it before)."""
+    def weights(out):
+        train(tiny_token_features, out, TrainConfig(max_steps=4, batch_size=8, val_fraction=0.25, val_every=2,
+                                                    final_eval=False), head_spec(name).make_config(),
+              progress=False, evaluate=split_metrics)
+        return load_checkpoint(out / "last.pt")[0].state_dict()
+
+    declared = weights(tmp_path / "declared")
+    monkeypatch.setattr("tmass.train.trainer.declared_only", lambda arrays, needs: arrays)
+    everything = weights(tmp_path / "everything")
+    assert declared.keys() == everything.keys()
+    assert all(torch.equal(declared[k], everything[k]) for k in declared)
 
 
 @pytest.fixture(scope="module")

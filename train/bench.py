@@ -63,20 +63,21 @@ def bench(features: Path, heads: Sequence[str] = ("tmass",), steps: int = 500, b
     import torch
 
     from tmass.features.format import load_split
-    from tmass.train.data import PairData
+    from tmass.train.data import PairData, declared_only
     from tmass.train.registry import head_spec
     from tmass.train.trainer import Trainer, TrainConfig, device_name, resolve_configs, resolve_device
 
     skipped = skipped_heads(features, heads)
     dev = resolve_device(device)
-    arrays = data = None
+    arrays = None
     for head in heads:
         if head in skipped:
             yield {"head": head, "skipped": skipped[head]}
             continue
         if arrays is None:  # not read at all when every head is skipped
             arrays = load_split(Path(features) / "train")
-            data = PairData(arrays, dev)
+        # each head is given the token features it declares, no more (see declared_only)
+        data = PairData(declared_only(arrays, head_spec(head).features), dev)
         cfg = TrainConfig(epochs=1, batch_size=batch_size, device=device, pooling_path=pooling_path, amp=amp,
                           compile=compile)
         cfg, head_cfg = resolve_configs(cfg, head_spec(head).make_config(), arrays)
@@ -119,11 +120,11 @@ def bench_losses(features: Path, losses: list[str], head: str = "tmass", steps: 
     import torch
 
     from tmass.features.format import load_split
-    from tmass.train.data import PairData
+    from tmass.train.data import PairData, declared_only
     from tmass.train.registry import head_spec
     from tmass.train.trainer import Trainer, TrainConfig, resolve_configs, resolve_device
 
-    arrays = load_split(Path(features) / "train")
+    arrays = declared_only(load_split(Path(features) / "train"), head_spec(head).features)
     dev = resolve_device(device)
     data = PairData(arrays, dev)
     trainers = {}

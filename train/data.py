@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tmass.features.format import SplitArrays
-from tmass.train.heads.base import TextFeatures, VideoFeatures
+from tmass.train.heads.base import TOKEN_FIELDS, TextFeatures, VideoFeatures
 
 _HASH_BYTES = 8  # of a video id's SHA-256, read as an integer in [0, 2**64)
 
@@ -75,6 +75,16 @@ def split_validation(arrays: SplitArrays, fraction: float) -> tuple[SplitArrays,
             "choose a fraction that leaves both sides non-empty (or 0 to disable validation)"
         )
     return subset_videos(arrays, ~held), subset_videos(arrays, held)
+
+
+def declared_only(arrays: SplitArrays, needs) -> SplitArrays:
+    """``arrays`` without the token features that ``needs`` (a head's declared features,
+    ``HeadSpec.features``) does not name, so that no hold-out, batch or evaluation of a
+    frames-only head slices, copies or moves word and patch tokens (the largest arrays)
+    it never reads. Applied wherever a run's data is assembled: ``train`` and the train
+    bench (per head, on features loaded once)."""
+    unread = [field for need in TOKEN_FIELDS.keys() - set(needs) for _, _, field in TOKEN_FIELDS[need]]
+    return dataclasses.replace(arrays, **dict.fromkeys(unread, None))
 
 
 class RowIds(Sequence):

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from tmass import __version__
 from tmass.features.format import SplitArrays, features_identity, identity_mismatch, load_split, read_manifest
 from tmass.train.config import check_choices, setting
-from tmass.train.data import PairData, epoch_order, split_validation
+from tmass.train.data import PairData, declared_only, epoch_order, split_validation
 from tmass.train.heads import RetrievalHead
 from tmass.train.heads.base import require_extracted
 from tmass.train.losses import (
@@ -456,11 +456,13 @@ def train(
     device = resolve_device(cfg.device)
     test_dir = features / "test"
     has_test = (test_dir / "manifest.json").exists()
+    needs = head_spec(head_cfg.head).features
     # a head's token features, read from the manifests: refused before any array is read or any file written
     for split_dir in [features / "train"] + [test_dir] * has_test:
-        require_extracted(read_manifest(split_dir)[1], head_spec(head_cfg.head).features, head_cfg.head, split_dir)
-    train_arrays = load_split(features / "train")
-    test_arrays = load_split(test_dir) if has_test else None
+        require_extracted(read_manifest(split_dir)[1], needs, head_cfg.head, split_dir)
+    # the token features it does not declare go on loading: no hold-out, batch or evaluation copies them
+    train_arrays = declared_only(load_split(features / "train"), needs)
+    test_arrays = declared_only(load_split(test_dir), needs) if has_test else None
     if test_arrays is None and (cfg.select_on == "test" or cfg.final_eval):
         raise FileNotFoundError(f"{test_dir}: no test split (needed for select_on=test or the final metrics)")
     cfg, head_cfg = resolve_configs(cfg, head_cfg, train_arrays)
