@@ -106,6 +106,17 @@ def test_ablate_passes_max_steps_to_every_run(tiny_features, tmp_path):
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["steps"] == 5 and metrics["trained"].startswith("trained 5 steps (0.")
     assert "; 5 steps, lr 0.001, batch 32." in (tmp_path / "trials.md").read_text()
+    # the same --out with another length: refused in one line before anything is trained
+    # or rewritten (runs are keyed by variant and seed; reusing them would mislabel them)
+    stamps = [path.stat().st_mtime_ns for path in sorted(tmp_path.rglob("*")) if path.is_file()]
+    again = CliRunner().invoke(main, ["ablate", "--features", str(tiny_features), "--out", str(tmp_path), "--sweeps",
+                                      "trials", "--seeds", "0,1", "--epochs", "1", "--max-steps", "6", "--lr", "1e-3",
+                                      "--device", "cpu"])
+    assert again.exit_code == 1 and "Traceback" not in again.output
+    lines = [line for line in again.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ")
+    assert "max_steps 5 (asked: 6)" in lines[0] and "(and 1 more runs)" in lines[0] and "another --out" in lines[0]
+    assert [path.stat().st_mtime_ns for path in sorted(tmp_path.rglob("*")) if path.is_file()] == stamps
 
 
 def test_shared_configurations_share_runs():

@@ -330,6 +330,35 @@ def _refuse_missing_tokens(sweeps: list[Sweep], meta, features: Path) -> None:
         raise ValueError(f"{features}: " + "; ".join(str(missing_tokens(need, heads)) for need, heads in lacking.items()))
 
 
+def _refuse_other_runs(jobs: list[tuple]) -> None:
+    """ValueError, one line, before any run starts, when a job's run directory holds a
+    finished run made otherwise (other training length, learning rate, batch size, head
+    settings or train features): runs are keyed by variant and seed only, and reusing such
+    a run would put its numbers under this sweep's settings."""
+    from tmass.features.format import manifest_sha256
+
+    not_compared = ("device", "final_eval")  # where a run trains; the sweep evaluates runs itself
+    stale = []
+    for features, target, head_overrides, train_overrides, _ in jobs:
+        config_path = Path(target) / "config.json"
+        if not (Path(target) / "metrics.json").exists() or not config_path.exists():
+            continue
+        config = json.loads(config_path.read_text())
+        asked = json.loads(json.dumps({"train": {k: v for k, v in train_overrides.items() if k not in not_compared},
+                                       "head": head_overrides}))  # tuples as the JSON record has them
+        diffs = [f"{k} {config[part].get(k)!r} (asked: {v!r})" for part in ("train", "head")
+                 for k, v in asked[part].items() if config[part].get(k) != v]
+        if config.get("features_manifest_sha256", {}).get("train") != manifest_sha256(Path(features) / "train"):
+            diffs.append(f"train features {config.get('features')} (asked: {features})")
+        if diffs:
+            stale.append((target, diffs))
+    if stale:
+        target, diffs = stale[0]
+        more = f" (and {len(stale) - 1} more runs)" if len(stale) > 1 else ""
+        raise ValueError(f"{target}: a finished run made with {', '.join(diffs)}{more}; "
+                         "give this sweep another --out, or delete those runs")
+
+
 def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) -> dict[str, list[dict]]:
     """Train what is missing, evaluate, write tables and plots; returns the rows per sweep."""
     from tqdm import tqdm
@@ -342,8 +371,6 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
               for sweep in map(sweep_named, names)]
     _refuse_missing_tokens(sweeps, meta, features)
     mark_run(out, "sweep")
-    (out / "sweep-config.json").write_text(json.dumps({"features": str(features), "sweeps": names,
-                                                       **dataclasses.asdict(cfg)}, indent=2) + "\n")
 
     def features_for(variant: Variant) -> Path:
         return subsample_frames(features, out / f"features-{variant.frames}f", variant.frames) if variant.frames else features
@@ -364,6 +391,9 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
                                    "batch_size": cfg.batch_size, "seed": seed, "final_eval": False, "device": cfg.device,
                                    **variant.train}
                 jobs.append((str(features_for(variant)), str(target), variant.head, train_overrides, threads))
+    _refuse_other_runs(jobs)
+    (out / "sweep-config.json").write_text(json.dumps({"features": str(features), "sweeps": names,
+                                                       **dataclasses.asdict(cfg)}, indent=2) + "\n")
     if cfg.scheduler:
         run_on_cluster(cfg.scheduler, jobs)
     elif cfg.jobs == 1:
