@@ -157,6 +157,15 @@ def check_choices(config) -> None:
             raise ValueError(f"{f.name}: {problem}")
 
 
+class Checked:
+    """Base of a settings dataclass (a head's or a loss's config): built directly, from a
+    dict or from a file, it holds every field to its choices and bounds
+    (:func:`check_choices`). A plain class, so frozen and mutable dataclasses both take it."""
+
+    def __post_init__(self):
+        check_choices(self)
+
+
 def build_config(cls, values: dict, where: str):
     """``cls(**values)``, every value checked against its field; ValueError with one line
     ``where.key: what is wrong`` (``where`` names the source: a file, a section)."""

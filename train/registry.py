@@ -27,7 +27,7 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
-from tmass.train.config import setting
+from tmass.train.config import Checked, setting
 
 ENTRY_POINT_GROUP = "tmass.heads"
 
@@ -61,7 +61,7 @@ HEADS = {
 
 
 @dataclass
-class BaseHeadConfig:
+class BaseHeadConfig(Checked):
     """The fields every head's config carries (:data:`CONFIG_FIELDS`); a new head's config
     may subclass it. Configs stay plain, torch-free dataclasses: a checkpoint stores one
     as a dict, and command-line options are derived from their fields

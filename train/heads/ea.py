@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmass.train.config import check_choices, setting
+from tmass.train.config import setting
 from tmass.train.heads.base import RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter
 from tmass.train.registry import BaseHeadConfig, HeadSpec
 
@@ -58,7 +58,7 @@ class EAConfig(BaseHeadConfig):
                              help="Bottleneck ratio r of the excitation and aggregation MLPs (dim / r hidden units).")
 
     def __post_init__(self):
-        check_choices(self)
+        super().__post_init__()
         if self.embed_dim % self.reduction:
             raise ValueError(f"reduction (--reduction) {self.reduction} does not divide the features' dim "
                              f"{self.embed_dim}")

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmass.train.config import check_choices, setting
+from tmass.train.config import setting
 from tmass.train.heads.base import RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter, map_video_blocks
 from tmass.train.registry import BaseHeadConfig, HeadSpec
 
@@ -73,9 +73,6 @@ class ProTAConfig(BaseHeadConfig):
     acl_weight: float = setting(1.0, bounds="[0, inf)", help="Weight of ProTA's adaptive contrastive loss (head.acl).")
     acl_margin: float = setting(1.0, bounds="[0, inf)", help="Margin per unit of token standard deviation in head.acl.")
     kl_weight: float = setting(1e-3, bounds="[0, inf)", help="Weight of the token Gaussians' KL term (head.kl).")
-
-    def __post_init__(self):
-        check_choices(self)
 
 
 class ProTA(RetrievalHead):

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmass.train.config import check_choices, setting
+from tmass.train.config import setting
 from tmass.train.heads.base import RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter, map_video_blocks
 from tmass.train.registry import BaseHeadConfig, HeadSpec
 
@@ -83,9 +83,6 @@ class TCMGCConfig(BaseHeadConfig):
     lsa: bool = setting(True, help="TC-MGC linear softmax aggregation of the granularities (else their mean).")
     max_words: int = setting(32, bounds="[1, inf)", help="Word tokens ISA weighs without SR (longer captions are cut).")
     query_rank: int = setting(32, bounds="[1, inf)", help="Rank of TC-MGC's learned attention logit term.")
-
-    def __post_init__(self):
-        check_choices(self)
 
 
 def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:

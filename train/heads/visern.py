@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmass.train.config import check_choices, setting
+from tmass.train.config import setting
 from tmass.train.heads.base import RetrievalHead, TextFeatures, VideoFeatures, logit_scale_parameter
 from tmass.train.registry import BaseHeadConfig, HeadSpec
 
@@ -59,7 +59,7 @@ class ViSERNConfig(BaseHeadConfig):
                                    help="ViSERN's affinity embedding width is dim / graph_reduction.")
 
     def __post_init__(self):
-        check_choices(self)
+        super().__post_init__()
         if self.embed_dim % self.graph_reduction:
             raise ValueError(f"graph_reduction (--graph-reduction) {self.graph_reduction} does not divide the "
                              f"features' dim {self.embed_dim}")

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tmass.train.config import check_choices, setting
+from tmass.train.config import Checked, setting
 from tmass.train.data import Batch
 from tmass.train.losses import Scores, TwoWayLoss
 from tmass.train.losses.relevance import PseudoLabelConfig, PseudoLabelLoss
@@ -122,14 +122,11 @@ def kendall_ranking(scores: torch.Tensor, relevance: torch.Tensor, valid: torch.
 
 
 @dataclass(frozen=True)
-class TripletSNConfig:
+class TripletSNConfig(Checked):
     margin: float = setting(0.2, bounds="[0, inf)", help="Margin on cosine similarities (as the triplet loss's).")
     mining_temperature: float = setting(
         0.1, bounds="(0, inf)", help="Softmax temperature of the soft negative mining: -> 0 is the hardest "
                                      "negative alone, large is every negative alike.")
-
-    def __post_init__(self):  # also KendallConfig's: every field of both bases and its own
-        check_choices(self)
 
 
 @dataclass(frozen=True)

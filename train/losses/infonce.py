@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tmass.train.config import check_choices, setting
+from tmass.train.config import Checked, setting
 from tmass.train.data import Batch
 from tmass.train.losses import Loss, Scores
 
@@ -30,15 +30,12 @@ def symmetric_infonce(logits: torch.Tensor, exclude: torch.Tensor | None = None)
 
 
 @dataclass(frozen=True)
-class InfoNCEConfig:
+class InfoNCEConfig(Checked):
     same_video: str = setting(
         "negative", choices=SAME_VIDEO,
         help="Another caption of a caption's video in the batch: 'negative' keeps the diagonal targets, so that "
              "video's second column counts as a negative (the reference's and the paper's loss); 'excluded' "
              "leaves it out of both softmax denominators, so it is never a negative.")
-
-    def __post_init__(self):
-        check_choices(self)
 
 
 class InfoNCE(Loss):

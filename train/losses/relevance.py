@@ -40,13 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tmass.train.config import check_choices, setting
+from tmass.train.config import Checked, setting
 from tmass.train.data import Batch
 from tmass.train.losses import Loss
 
 
 @dataclass(frozen=True)
-class PseudoLabelConfig:
+class PseudoLabelConfig(Checked):
     """The relevance settings every pseudo-label loss shares (one option each)."""
 
     relevance: str = setting(
@@ -55,9 +55,6 @@ class PseudoLabelConfig:
     relevance_floor: float = setting(
         0.5, bounds="[0, 1)",
         help="Caption-caption cosine at or below which a video counts as irrelevant to a caption (pseudo labels).")
-
-    def __post_init__(self):  # also its subclasses': every field, theirs included
-        check_choices(self)
 
 
 def caption_relevance(text: torch.Tensor, positives: torch.Tensor | None, floor: float) -> torch.Tensor:

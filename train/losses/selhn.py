@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tmass.train.config import check_choices, setting
+from tmass.train.config import Checked, setting
 from tmass.train.losses import TwoWayLoss
 
 
@@ -48,15 +48,12 @@ def selective_triplet(cos: torch.Tensor, positives: torch.Tensor, margin: float,
 
 
 @dataclass(frozen=True)
-class SelHNConfig:
+class SelHNConfig(Checked):
     margin: float = setting(0.2, bounds="[0, inf)", help="Margin on cosine similarities (as the triplet loss's).")
     epsilon: float = setting(
         0.1, bounds="[0, inf)",
         help="An anchor whose hardest negative is within epsilon of its positive (the gradient-vanishing "
              "condition) uses all its negatives; otherwise the hardest one.")
-
-    def __post_init__(self):
-        check_choices(self)
 
 
 class SelHN(TwoWayLoss):

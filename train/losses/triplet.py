@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tmass.train.config import check_choices, setting
+from tmass.train.config import Checked, setting
 from tmass.train.losses import TwoWayLoss
 
 
@@ -35,11 +35,8 @@ def max_violation_triplet(cos: torch.Tensor, positives: torch.Tensor, margin: fl
 
 
 @dataclass(frozen=True)
-class TripletHNConfig:
+class TripletHNConfig(Checked):
     margin: float = setting(0.2, bounds="[0, inf)", help="Margin of the hinge, on cosine similarities (VSE++: 0.2).")
-
-    def __post_init__(self):
-        check_choices(self)
 
 
 class TripletHN(TwoWayLoss):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tmass.train.config import check_choices, setting
+from tmass.train.config import Checked, setting
 from tmass.train.losses import TwoWayLoss
 
 
@@ -53,14 +53,11 @@ def unified_pair_loss(cos: torch.Tensor, positives: torch.Tensor, margin: float,
 
 
 @dataclass(frozen=True)
-class UnifiedConfig:
+class UnifiedConfig(Checked):
     margin: float = setting(0.2, bounds="[0, inf)", help="Margin on cosine similarities (as the triplet loss's).")
     temperature: float = setting(
         0.05, bounds="(0, inf)",
         help="tau: -> 0 gives Triplet-HN; with margin 0 the loss is tau times VLC at logit scale 1/tau.")
-
-    def __post_init__(self):
-        check_choices(self)
 
 
 class Unified(TwoWayLoss):
