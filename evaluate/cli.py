@@ -68,8 +68,9 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
 
     from tmass import __version__
     from tmass.evaluate.scores import EvalConfig, metrics_report, resolve_device, score_split
-    from tmass.features.format import (FeatureFormatError, features_identity, identity_mismatch, load_split,
-                                       locate_split, read_manifest, sha256_file)
+    from tmass.features.format import (FeatureFormatError, features_identity, identity_mismatch, locate_split,
+                                       read_manifest, sha256_file)
+    from tmass.train.data import load_declared
     from tmass.train.heads.base import require_extracted
     from tmass.train.registry import head_spec
     from tmass.train.trainer import load_checkpoint
@@ -105,7 +106,7 @@ def evaluate(features, checkpoint, split, trials, direction, dsl, protocol, nois
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        arrays = load_split(split_dir)
+        arrays = load_declared(split_dir, head_spec(head.cfg.head).features)
     except FeatureFormatError as exc:
         raise click.BadParameter(exc.summary(), param_hint="--features") from exc
     if protocol == "reference":

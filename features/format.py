@@ -818,22 +818,26 @@ class FeatureSplit:
     def _records(self, kind: str) -> list[ShardRecord]:
         return [r for r in self.shards if r.kind == kind]
 
-    def iter_videos(self) -> Iterator[VideoBatch]:
-        """One batch per video shard, in shard order; memory bounded by a shard."""
+    def iter_videos(self, patches: bool = True) -> Iterator[VideoBatch]:
+        """One batch per video shard, in shard order; memory bounded by a shard.
+        ``patches=False`` leaves a split's patch tokens unread (None)."""
+        read_patches = patches and bool(self.meta.patch_grid)
         for record in self._records("videos"):
             path = self.shard_path(record)
             with h5py.File(path, "r") as h5:
                 frames = h5["frames"][:]
                 mask = h5["frame_mask"][:]
                 ids = _decode(h5["video_id"][:])
-                patches = h5["patch_embedding"][:] if self.meta.patch_grid else None
+                patch_rows = h5["patch_embedding"][:] if read_patches else None
             _raise_on_bad_rows(path, "frames", frames, ids)
-            if patches is not None:
-                _raise_on_bad_rows(path, "patch_embedding", patches, ids)
-            yield VideoBatch(ids, frames, mask, patches)
+            if patch_rows is not None:
+                _raise_on_bad_rows(path, "patch_embedding", patch_rows, ids)
+            yield VideoBatch(ids, frames, mask, patch_rows)
 
-    def iter_texts(self) -> Iterator[TextBatch]:
-        """One batch per text shard, in shard order."""
+    def iter_texts(self, tokens: bool = True) -> Iterator[TextBatch]:
+        """One batch per text shard, in shard order. ``tokens=False`` leaves a split's
+        word tokens unread (None)."""
+        read_tokens = tokens and self.meta.text_tokens
         for record in self._records("texts"):
             path = self.shard_path(record)
             with h5py.File(path, "r") as h5:
@@ -842,25 +846,29 @@ class FeatureSplit:
                     _decode(h5["video_id"][:]),
                     _decode(h5["caption"][:]),
                     h5["embedding"][:],
-                    *((h5["token_embedding"][:], h5["token_mask"][:]) if self.meta.text_tokens else ()),
+                    *((h5["token_embedding"][:], h5["token_mask"][:]) if read_tokens else ()),
                 )
             _raise_on_bad_rows(path, "embedding", batch.embeddings, batch.text_ids)
             if batch.tokens is not None:
                 _raise_on_bad_rows(path, "token_embedding", batch.tokens, batch.text_ids)
             yield batch
 
-    def load(self) -> SplitArrays:
-        """The whole split in memory (float16, as stored), for training and evaluation."""
-        videos = list(self.iter_videos())
-        texts = list(self.iter_texts())
-        dim, n_frames, grid = self.meta.embed_dim, self.meta.num_frames, self.meta.patch_grid
-        tokens = token_mask = patches = None
-        if self.meta.text_tokens:
+    def load(self, text_tokens: bool = True, patches: bool = True) -> SplitArrays:
+        """The whole split in memory (float16, as stored), for training and evaluation.
+        ``text_tokens=False`` / ``patches=False`` leave the split's word / patch tokens
+        unread (None in the result): they are its largest arrays (several GB on a full
+        dataset), so a reader that never uses them should not hold them."""
+        videos = list(self.iter_videos(patches))
+        texts = list(self.iter_texts(text_tokens))
+        dim, n_frames = self.meta.embed_dim, self.meta.num_frames
+        grid = self.meta.patch_grid if patches else 0
+        tokens = token_mask = patch_embeddings = None
+        if text_tokens and self.meta.text_tokens:
             n_token = max((b.tokens.shape[1] for b in texts), default=0)
             tokens = _concat([_pad_axis1(b.tokens, n_token) for b in texts], (0, n_token, dim), np.float16)
             token_mask = _concat([_pad_axis1(b.token_mask, n_token) for b in texts], (0, n_token), bool)
         if grid:
-            patches = _concat([b.patches for b in videos], (0, n_frames, grid * grid, dim), np.float16)
+            patch_embeddings = _concat([b.patches for b in videos], (0, n_frames, grid * grid, dim), np.float16)
         return SplitArrays(
             meta=self.meta,
             video_ids=list(self.video_ids),
@@ -873,7 +881,7 @@ class FeatureSplit:
             manifest_sha256=manifest_sha256(self.path),
             token_embeddings=tokens,
             token_mask=token_mask,
-            patch_embeddings=patches,
+            patch_embeddings=patch_embeddings,
         )
 
     def check_values(self) -> list[str]:
@@ -940,8 +948,11 @@ def open_split(split_dir: Path, verify_checksums: bool = True) -> FeatureSplit:
     return FeatureSplit(split_dir, verify_checksums)
 
 
-def load_split(split_dir: Path, verify_checksums: bool = True) -> SplitArrays:
-    return FeatureSplit(split_dir, verify_checksums).load()
+def load_split(split_dir: Path, verify_checksums: bool = True, text_tokens: bool = True,
+               patches: bool = True) -> SplitArrays:
+    """:meth:`FeatureSplit.load` of ``split_dir``: ``text_tokens`` / ``patches`` False
+    leave those token features unread."""
+    return FeatureSplit(split_dir, verify_checksums).load(text_tokens, patches)
 
 
 def check_split(split_dir: Path) -> list[str]:

@@ -5,6 +5,8 @@ documented behaviour (its switches, its extra loss terms, its untrained function
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,9 +15,9 @@ from click.testing import CliRunner
 
 from tmass.checkhead import random_features
 from tmass.cli import main
-from tmass.features.format import load_split
+from tmass.features.format import SplitArrays, load_split
 from tmass.evaluate import split_metrics
-from tmass.train.data import PairData, declared_only, split_validation
+from tmass.train.data import PairData, declared_only, load_declared, split_validation
 from tmass.train.heads.base import split_features
 from tmass.train.losses import batch_losses, build_loss
 from tmass.train.registry import head_spec
@@ -79,6 +81,21 @@ def test_a_batch_carries_the_token_features_its_head_declares_and_no_others(tiny
             assert getattr(everything, field) is not None and getattr(declared, field) is None, field
 
 
+@pytest.mark.parametrize("name", ["meanp", *sorted(TOKEN_HEADS)])
+def test_a_split_is_read_with_the_token_features_its_head_declares_and_no_others(tiny_token_features, name):
+    """Reading only the declared token features gives what dropping the others after
+    reading everything gave: the same arrays, None for the undeclared ones."""
+    needs = head_spec(name).features
+    read = load_declared(tiny_token_features / "train", needs)
+    dropped = declared_only(load_split(tiny_token_features / "train"), needs)
+    assert read.token_embeddings is None if "word_tokens" not in needs else read.token_embeddings is not None
+    assert read.patch_embeddings is None if "patch_tokens" not in needs else read.patch_embeddings is not None
+    for field in dataclasses.fields(SplitArrays):
+        mine, theirs = getattr(read, field.name), getattr(dropped, field.name)
+        same = np.array_equal(mine, theirs) if isinstance(mine, np.ndarray) else mine == theirs
+        assert same, field.name
+
+
 @pytest.mark.parametrize("name", ["tc-mgc", "visern"])
 def test_a_token_head_trains_to_the_same_weights_as_on_every_token_feature(tiny_token_features, tmp_path, monkeypatch,
                                                                            name):
@@ -91,7 +108,7 @@ def test_a_token_head_trains_to_the_same_weights_as_on_every_token_feature(tiny_
         return load_checkpoint(out / "last.pt")[0].state_dict()
 
     declared = weights(tmp_path / "declared")
-    monkeypatch.setattr("tmass.train.trainer.declared_only", lambda arrays, needs: arrays)
+    monkeypatch.setattr("tmass.train.trainer.load_declared", lambda split_dir, needs: load_split(split_dir))
     everything = weights(tmp_path / "everything")
     assert declared.keys() == everything.keys()
     assert all(torch.equal(declared[k], everything[k]) for k in declared)

@@ -141,7 +141,7 @@ def report(runs, out, eval_json, gallery_dataset, gallery_data_root):
         scores = np.load(last / "sims.npy")
         from tmass.features.format import load_split
 
-        arrays = load_split(Path(data["split"]))
+        arrays = load_split(Path(data["split"]), text_tokens=False, patches=False)
         videos = {v.id: v.path for v in load_annotations(gallery_dataset, gallery_data_root, arrays.meta.split).videos}
         paths = [videos[v] for v in arrays.video_ids]
         written = plot_gallery(scores, arrays.captions, arrays.text_to_video, lambda v, n: read_frames(paths[v], n)[0],

@@ -329,7 +329,7 @@ def build_index(split_dir: Path, out: Path, checkpoint: Path | None = None, data
         if checkpoint is not None:  # the head is checked from the manifest, before any features are read
             head, head_info, warning = check_checkpoint(Path(checkpoint), read_manifest(split_dir)[1], split_dir)
             warnings += [warning] if warning else []
-        arrays = load_split(split_dir)
+        arrays = load_split(split_dir, text_tokens=False, patches=False)  # an index keeps no tokens
     except FeatureFormatError as exc:
         raise SearchError(f"{split_dir}: features fail validation: {exc.problems[0]}") from exc
     meta = arrays.meta

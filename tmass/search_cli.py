@@ -97,7 +97,7 @@ def search(query, index_dir, video, query_features, query_id, top, candidates, s
             kind = "features"
             split_dir = _split_dir(query_features)
             try:
-                arrays = load_split(split_dir)
+                arrays = load_split(split_dir, text_tokens=False, patches=False)  # no search reads tokens
             except FeatureFormatError as exc:
                 raise SearchError(f"{split_dir}: features fail validation: {exc.problems[0]}") from exc
             idx.check_features(split_dir)

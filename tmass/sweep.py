@@ -179,7 +179,7 @@ def subsample_frames(features: Path, out: Path, n_frames: int) -> Path:
     if all((out / split / "manifest.json").exists() for split in ("train", "test")):
         return out
     for split in ("train", "test"):
-        arrays = load_split(features / split)
+        arrays = load_split(features / split, text_tokens=False, patches=False)  # the copy keeps frames only
         keep = np.linspace(0, arrays.frames.shape[1] - 1, n_frames).round().astype(int)
         meta = dataclasses.replace(arrays.meta, num_frames=n_frames,
                                    extra={**arrays.meta.extra, "subsampled_from": str(features), "frames_kept": keep.tolist()})
@@ -280,11 +280,12 @@ def _evaluate_run(run_dir: Path, features: Path, trials: int, protocol: str, dev
     if cache.exists():
         return json.loads(cache.read_text())
     from tmass.evaluate.scores import EvalConfig, evaluate_head
-    from tmass.features.format import load_split
+    from tmass.train.data import load_declared
+    from tmass.train.registry import head_spec
     from tmass.train.trainer import load_checkpoint
 
     head, _ = load_checkpoint(run_dir / "best.pt")
-    report = evaluate_head(head, load_split(features / "test"),
+    report = evaluate_head(head, load_declared(features / "test", head_spec(head.cfg.head).features),
                            EvalConfig(trials=trials, protocol=protocol, device=device, progress=False))
     cache.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -119,12 +119,11 @@ def bench_losses(features: Path, losses: list[str], head: str = "tmass", steps: 
     cover every step of the epoch after the warm-up."""
     import torch
 
-    from tmass.features.format import load_split
-    from tmass.train.data import PairData, declared_only
+    from tmass.train.data import PairData, load_declared
     from tmass.train.registry import head_spec
     from tmass.train.trainer import Trainer, TrainConfig, resolve_configs, resolve_device
 
-    arrays = declared_only(load_split(Path(features) / "train"), head_spec(head).features)
+    arrays = load_declared(Path(features) / "train", head_spec(head).features)
     dev = resolve_device(device)
     data = PairData(arrays, dev)
     trainers = {}

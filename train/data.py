@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tmass.features.format import SplitArrays
+from tmass.features.format import SplitArrays, load_split
 from tmass.train.heads.base import TOKEN_FIELDS, TextFeatures, VideoFeatures
 
 _HASH_BYTES = 8  # of a video id's SHA-256, read as an integer in [0, 2**64)
@@ -85,6 +85,14 @@ def declared_only(arrays: SplitArrays, needs) -> SplitArrays:
     bench (per head, on features loaded once)."""
     unread = [field for need in TOKEN_FIELDS.keys() - set(needs) for _, _, field in TOKEN_FIELDS[need]]
     return dataclasses.replace(arrays, **dict.fromkeys(unread, None))
+
+
+def load_declared(split_dir, needs) -> SplitArrays:
+    """The split ``split_dir`` with the token features ``needs`` (a head's declared
+    features) names and no others: the rest are never read from disk, which
+    :func:`declared_only` cannot spare a split already in memory (word and patch tokens of
+    a full dataset are several GB)."""
+    return load_split(split_dir, text_tokens="word_tokens" in needs, patches="patch_tokens" in needs)
 
 
 class RowIds(Sequence):

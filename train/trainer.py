@@ -37,9 +37,9 @@ import torch
 from tqdm import tqdm
 
 from tmass import __version__
-from tmass.features.format import SplitArrays, features_identity, identity_mismatch, load_split, read_manifest
+from tmass.features.format import SplitArrays, features_identity, identity_mismatch, read_manifest
 from tmass.train.config import check_choices, setting
-from tmass.train.data import PairData, declared_only, epoch_order, split_validation
+from tmass.train.data import PairData, epoch_order, load_declared, split_validation
 from tmass.train.heads import RetrievalHead
 from tmass.train.heads.base import require_extracted
 from tmass.train.losses import (
@@ -460,9 +460,9 @@ def train(
     # a head's token features, read from the manifests: refused before any array is read or any file written
     for split_dir in [features / "train"] + [test_dir] * has_test:
         require_extracted(read_manifest(split_dir)[1], needs, head_cfg.head, split_dir)
-    # the token features it does not declare go on loading: no hold-out, batch or evaluation copies them
-    train_arrays = declared_only(load_split(features / "train"), needs)
-    test_arrays = declared_only(load_split(test_dir), needs) if has_test else None
+    # the token features it does not declare are never read: no hold-out, batch or evaluation holds them
+    train_arrays = load_declared(features / "train", needs)
+    test_arrays = load_declared(test_dir, needs) if has_test else None
     if test_arrays is None and (cfg.select_on == "test" or cfg.final_eval):
         raise FileNotFoundError(f"{test_dir}: no test split (needed for select_on=test or the final metrics)")
     cfg, head_cfg = resolve_configs(cfg, head_cfg, train_arrays)
