@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from tmass.cli import main
 from tmass.evaluate.figures import (CORRECT_COLOUR, gallery_figure, gallery_queries, similarity_figure, sweep_figure,
                                     training_curves_figure)
-from tmass.sweep import SWEEPS, SweepConfig, Variant, _frames_of, run_sweeps, subsample_frames
+from tmass.sweep import SWEEPS, SweepConfig, Variant, _frames_of, _train_one, run_sweeps, subsample_frames
 
 
 def test_trials_sweep_trains_once_and_reuses_runs(tiny_features, tmp_path):
@@ -27,6 +27,8 @@ def test_trials_sweep_trains_once_and_reuses_runs(tiny_features, tmp_path):
     assert [r["variant"] for r in rows] == ["w/o sampling", "M = 5", "M = 10", "M = 20"]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, "the four trial counts evaluate one trained model"
+    assert sorted(p.name for p in (runs[0] / "seed0").glob("eval-*.json")) == [
+        f"eval-leak-free-m{m}.json" for m in (0, 10, 20, 5)]
     stamp = (runs[0] / "seed0" / "metrics.json").stat().st_mtime_ns
     again = run_sweeps(["trials"], tiny_features, tmp_path, cfg)["trials"]
     assert (runs[0] / "seed0" / "metrics.json").stat().st_mtime_ns == stamp, "finished runs are reused"
@@ -42,6 +44,24 @@ def test_trials_sweep_trains_once_and_reuses_runs(tiny_features, tmp_path):
         line = bars.lines[0]  # the data line of the errorbar (the rest are caps and bars)
         assert list(line.get_xdata()) == [r["x"] for r in rows] and list(line.get_ydata()) == [r[metric] for r in rows]
     assert "trials M" == figure.axes[0].get_xlabel() and "leak-free" in figure._suptitle.get_text()
+
+
+@pytest.mark.parametrize("head", ["xpool", "ea"])
+def test_a_sweep_worker_trains_its_run_then_makes_its_evaluations(tiny_features, tmp_path, head):
+    """Each run's evaluations are made where it was trained (in parallel with the other
+    runs), as the sweep would make them; the audit is skipped for a head without it."""
+    from tmass.evaluate.scores import EvalConfig, evaluate_head
+    from tmass.features.format import load_split
+    from tmass.train.trainer import load_checkpoint
+
+    run = tmp_path / head
+    train = {"epochs": 1, "max_steps": 2, "lr": 1e-3, "batch_size": 16, "seed": 0, "final_eval": False, "device": "cpu"}
+    assert _train_one((str(tiny_features), str(run), {"head": head}, train, ((5, "leak-free"), (5, "reference")), 1)) == str(run)
+    assert (run / "metrics.json").exists()
+    expected = evaluate_head(load_checkpoint(run / "best.pt")[0], load_split(tiny_features / "test"),
+                             EvalConfig(trials=5, progress=False))
+    assert json.loads((run / "eval-leak-free-m5.json").read_text()) == json.loads(json.dumps(expected))
+    assert (run / "eval-reference-m5.json").exists() == (head == "xpool")
 
 
 def _chance_lines(ax) -> list:

@@ -218,12 +218,12 @@ def worker_pool(jobs: int) -> ProcessPoolExecutor:
 
 
 def run_on_cluster(address: str, jobs: list[tuple]) -> None:
-    """Train ``jobs`` (as :func:`_train_one` takes them) on the dask.distributed cluster at
-    ``address``, one job per worker at a time: where workers declare a ``GPU`` resource
-    (``dask worker --resources GPU=1``, one worker per GPU) only those take jobs, each
-    holding one GPU; else every worker takes one. A job uses its worker's threads. Run
-    directories must be on a file system the workers share; finished runs are skipped
-    and unfinished ones resumed there, as in a local sweep."""
+    """Train and evaluate ``jobs`` (as :func:`_train_one` takes them) on the
+    dask.distributed cluster at ``address``, one job per worker at a time: where workers
+    declare a ``GPU`` resource (``dask worker --resources GPU=1``, one worker per GPU)
+    only those take jobs, each holding one GPU; else every worker takes one. A job uses
+    its worker's threads. Run directories must be on a file system the workers share;
+    finished runs are skipped and unfinished ones resumed there, as in a local sweep."""
     from distributed import Client, as_completed
     from tqdm import tqdm
 
@@ -239,7 +239,7 @@ def run_on_cluster(address: str, jobs: list[tuple]) -> None:
         idle = sorted(gpu or workers)
         resources = {"GPU": 1} if gpu else None
         pending, running, done = list(jobs), {}, as_completed()
-        with tqdm(total=len(jobs), desc=f"training runs on {len(idle)} dask workers", unit="run") as bar:
+        with tqdm(total=len(jobs), desc=f"runs (train, evaluate) on {len(idle)} dask workers", unit="run") as bar:
             while pending or running:
                 while idle and pending:
                     worker, job = idle.pop(), pending.pop(0)
@@ -255,8 +255,11 @@ def run_on_cluster(address: str, jobs: list[tuple]) -> None:
 
 
 def _train_one(job: tuple) -> str:
-    """Train one (variant, seed) run unless it already finished; runs in a worker process."""
-    features, run_dir, head_overrides, train_overrides, threads = job
+    """Train one (variant, seed) run unless it already finished, then make its test
+    evaluations (``(trials, protocol)`` pairs) unless cached; runs in a worker process, so
+    a sweep's evaluations run in parallel with each other and with its training rather
+    than one by one after it."""
+    features, run_dir, head_overrides, train_overrides, evaluations, threads = job
     import torch
 
     from tmass.evaluate import split_metrics
@@ -265,12 +268,18 @@ def _train_one(job: tuple) -> str:
 
     torch.set_num_threads(threads)
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").exists():
-        return str(run_dir)
-    resume = (run_dir / "last.pt").exists()
-    head_cfg = head_spec(head_overrides.get("head", "tmass")).make_config(**head_overrides)
-    train(Path(features), run_dir, TrainConfig(**train_overrides), head_cfg, resume=resume, progress=False,
-          evaluate=split_metrics)
+    if not (run_dir / "metrics.json").exists():
+        resume = (run_dir / "last.pt").exists()
+        head_cfg = head_spec(head_overrides.get("head", "tmass")).make_config(**head_overrides)
+        train(Path(features), run_dir, TrainConfig(**train_overrides), head_cfg, resume=resume, progress=False,
+              evaluate=split_metrics)
+    for trials, protocol in evaluations:
+        try:
+            _evaluate_run(run_dir, Path(features), trials, protocol, train_overrides.get("device", "auto"))
+        except ValueError:
+            if protocol == PROTOCOL:
+                raise
+            # the audit reproduces X-Pool-style pooling; a head without it has none (the table says NaN)
     return str(run_dir)
 
 
@@ -340,7 +349,7 @@ def _refuse_other_runs(jobs: list[tuple]) -> None:
 
     not_compared = ("device", "final_eval")  # where a run trains; the sweep evaluates runs itself
     stale = []
-    for features, target, head_overrides, train_overrides, _ in jobs:
+    for features, target, head_overrides, train_overrides, _, _ in jobs:
         config_path = Path(target) / "config.json"
         if not (Path(target) / "metrics.json").exists() or not config_path.exists():
             continue
@@ -379,30 +388,35 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
     def run_dir(variant: Variant, seed: int) -> Path:
         return out / "runs" / variant.run_key() / f"seed{seed}"
 
-    jobs, seen = [], set()
+    by_run: dict[Path, tuple] = {}  # variants that differ only in what is evaluated share a run
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    protocols = (PROTOCOL, "reference") if cfg.with_reference else (PROTOCOL,)
     for sweep in sweeps:
         for variant in sweep.variants:
             for seed in cfg.seeds:
                 target = run_dir(variant, seed)
-                if target in seen:
+                evaluations = tuple((variant.trials, p) for p in protocols)
+                if target in by_run:
+                    job = by_run[target]
+                    by_run[target] = (*job[:4], tuple(dict.fromkeys(job[4] + evaluations)), threads)
                     continue
-                seen.add(target)
                 train_overrides = {"epochs": cfg.epochs, "max_steps": cfg.max_steps, "lr": cfg.lr,
                                    "batch_size": cfg.batch_size, "seed": seed, "final_eval": False, "device": cfg.device,
                                    **variant.train}
-                jobs.append((str(features_for(variant)), str(target), variant.head, train_overrides, threads))
+                by_run[target] = (str(features_for(variant)), str(target), variant.head, train_overrides, evaluations,
+                                  threads)
+    jobs = list(by_run.values())
     _refuse_other_runs(jobs)
     (out / "sweep-config.json").write_text(json.dumps({"features": str(features), "sweeps": names,
                                                        **dataclasses.asdict(cfg)}, indent=2) + "\n")
     if cfg.scheduler:
         run_on_cluster(cfg.scheduler, jobs)
     elif cfg.jobs == 1:
-        for job in tqdm(jobs, desc="training runs", unit="run"):
+        for job in tqdm(jobs, desc="runs (train, evaluate)", unit="run"):
             _train_one(job)
     else:
         with worker_pool(cfg.jobs) as pool:
-            list(tqdm(pool.map(_train_one, jobs), total=len(jobs), desc="training runs", unit="run"))
+            list(tqdm(pool.map(_train_one, jobs), total=len(jobs), desc="runs (train, evaluate)", unit="run"))
 
     results = {}
     for sweep in sweeps:
