@@ -62,8 +62,7 @@ def bench(features: Path, heads: Sequence[str] = ("tmass",), steps: int = 500, b
     once), and sequential heads never contend with each other for the cores."""
     import torch
 
-    from tmass.features.format import load_split
-    from tmass.train.data import PairData, declared_only
+    from tmass.train.data import PairData, declared_only, load_declared
     from tmass.train.registry import head_spec
     from tmass.train.trainer import Trainer, TrainConfig, device_name, resolve_configs, resolve_device
 
@@ -74,8 +73,9 @@ def bench(features: Path, heads: Sequence[str] = ("tmass",), steps: int = 500, b
         if head in skipped:
             yield {"head": head, "skipped": skipped[head]}
             continue
-        if arrays is None:  # not read at all when every head is skipped
-            arrays = load_split(Path(features) / "train")
+        if arrays is None:  # not read at all when every head is skipped; the tokens some timed head declares
+            arrays = load_declared(Path(features) / "train",
+                                   set().union(*(head_spec(h).features for h in heads if h not in skipped)))
         # each head is given the token features it declares, no more (see declared_only)
         data = PairData(declared_only(arrays, head_spec(head).features), dev)
         cfg = TrainConfig(epochs=1, batch_size=batch_size, device=device, pooling_path=pooling_path, amp=amp,
