@@ -37,7 +37,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -416,7 +416,13 @@ def run_sweeps(names: list[str], features: Path, out: Path, cfg: SweepConfig) ->
             _train_one(job)
     else:
         with worker_pool(cfg.jobs) as pool:
-            list(tqdm(pool.map(_train_one, jobs), total=len(jobs), desc="runs (train, evaluate)", unit="run"))
+            futures = [pool.submit(_train_one, job) for job in jobs]
+            try:  # the bar counts runs as they finish, not in submission order
+                for future in tqdm(as_completed(futures), total=len(jobs), desc="runs (train, evaluate)", unit="run"):
+                    future.result()  # a failed run stops the sweep
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the runs not yet started do not start
+                raise
 
     results = {}
     for sweep in sweeps:
