@@ -31,7 +31,7 @@ def chance_line(ax, n_video: int, k: int = 1) -> None:
     """The chance level of text-to-video R@k on a gallery of ``n_video`` videos
     (100 k / n_video %), as a labelled dashed line on a recall axis."""
     chance = 100 * min(k, n_video) / n_video
-    ax.axhline(chance, color="tab:red", ls="--", lw=1, label=f"chance R@{k} = {chance:.1f} % ({n_video} videos)")
+    ax.axhline(chance, color="tab:red", ls="--", lw=1, label=f"chance R@{k} = {chance:.3g} % ({n_video} videos)")
     ax.legend(fontsize=8, loc="best")
 
 

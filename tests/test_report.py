@@ -80,7 +80,7 @@ def test_sweep_outputs_say_what_made_them(tiny_features, tmp_path):
     selection = json.loads(next((tmp_path / "runs").glob("*/seed0/metrics.json")).read_text())["selection"]
     table = (tmp_path / "trials.md").read_text()
     for fact in (test.meta.encoder_label(), str(tiny_features / "test"), manifest_sha256(tiny_features / "test")[:12],
-                 f"{n_text} captions x {n_video} videos", f"chance t2v R@1 = {100 / n_video:.1f} %",
+                 f"{n_text} captions x {n_video} videos", f"chance t2v R@1 = {100 / n_video:.3g} %",
                  "protocol: leak-free", selection, "(AUDIT, leaks)"):
         assert fact in table, fact
     with open(tmp_path / "trials.csv") as fh:
@@ -184,7 +184,7 @@ def test_report_compares_evaluated_runs(tiny_features, tmp_path):
     table = (tmp_path / "report" / "comparison.md").read_text()
     assert "leak-free" in table and len([line for line in table.splitlines() if line.startswith(f"| {tmp_path}")]) == 2
     n_video = json.loads((runs[1] / "eval.json").read_text())["n_video"]
-    assert f"chance t2v R@1 = {100 / n_video:.1f} %" in table and "encoder: " in table
+    assert f"chance t2v R@1 = {100 / n_video:.3g} %" in table and "encoder: " in table
     assert table.count("validation: ") == 2, "each row says what its checkpoint was selected on"
     per_epoch = json.loads((runs[1] / "config.json").read_text())["pairs"]["train"] // 32  # each row says how long it trained
     assert "trained 0 steps (0 epochs); best.pt" in table and f"trained {per_epoch} steps (1 epoch); best.pt" in table

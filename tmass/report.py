@@ -38,7 +38,7 @@ def _split_lines(evals: list[dict], facts: dict) -> list[str]:
     for split in dict.fromkeys(e["split"] for e in evals):
         e = next(e for e in evals if e["split"] == split)
         line = (f"Split: {split} ({e['n_text']} captions x {e['n_video']} videos; "
-                f"chance t2v R@1 = {100 / e['n_video']:.1f} %)")
+                f"chance t2v R@1 = {100 / e['n_video']:.3g} %)")
         if "problem" in facts:
             lines.append(f"{line}; encoder unknown ({facts['problem']})")
             continue

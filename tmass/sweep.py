@@ -321,7 +321,7 @@ def provenance_lines(prov: dict) -> list[str]:
     """:func:`provenance` in words, one fact per line (tables, plot titles)."""
     return [f"encoder: {prov['encoder']}",
             f"test features: {prov['features']} (manifest sha256 {prov['manifest_sha256']}), "
-            f"{prov['n_text']} captions x {prov['n_video']} videos, chance t2v R@1 = {100 / prov['n_video']:.1f} %",
+            f"{prov['n_text']} captions x {prov['n_video']} videos, chance t2v R@1 = {100 / prov['n_video']:.3g} %",
             f"protocol: {prov['protocol']}; checkpoints: {prov['selection']}"]
 
 
