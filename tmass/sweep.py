@@ -275,7 +275,7 @@ def _train_one(job: tuple) -> str:
               evaluate=split_metrics)
     for trials, protocol in evaluations:
         try:
-            _evaluate_run(run_dir, Path(features), trials, protocol, train_overrides.get("device", "auto"))
+            _evaluate_run(run_dir, Path(features), trials, protocol, train_overrides["device"])
         except ValueError:
             if protocol == PROTOCOL:
                 raise
@@ -296,7 +296,9 @@ def _evaluate_run(run_dir: Path, features: Path, trials: int, protocol: str, dev
     head, _ = load_checkpoint(run_dir / "best.pt")
     report = evaluate_head(head, load_declared(features / "test", head_spec(head.cfg.head).features),
                            EvalConfig(trials=trials, protocol=protocol, device=device, progress=False))
-    cache.write_text(json.dumps(report, indent=2) + "\n")
+    partial = cache.with_suffix(".partial")  # a worker killed with its sweep mid-write leaves no truncated cache
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(cache)
     return report
 
 
