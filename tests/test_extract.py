@@ -404,8 +404,13 @@ def test_local_dask_workers_and_their_decode_workers_die_with_a_killed_driver(ti
     started = []
     try:
         _wait_for(lambda: list(split_dir.glob("videos-*.h5")), "the first partition")
-        started = _children(driver.pid)
-        assert len(started) >= 4, "two dask workers, each with a decode worker"
+
+        def all_started():  # the second worker may start its decode worker after the first partition is written
+            assert driver.poll() is None, "the extraction ended before two dask workers with decode workers were seen"
+            kids = _children(driver.pid)
+            return kids if len(kids) >= 4 else None
+
+        started = _wait_for(all_started, "two dask workers, each with a decode worker", timeout=60)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
         deadline = time.monotonic() + 30
